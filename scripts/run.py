@@ -1,0 +1,99 @@
+"""Supervise a local streamsvc: Redis, daphne and the RQ workers.
+
+``make run`` calls this after the bootstrap. It honours ``PORT`` (8000),
+``REDIS_URL`` (unset: start the embedded Redis under var/) and
+``WORKERS`` (1). Ctrl-C or SIGTERM stops every child; the script then
+exits 0. A child that dies on its own stops the rest and exits 1.
+"""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import FrameType
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from streamsvc.embedded_redis import EmbeddedRedis  # noqa: E402
+
+stopping = False
+
+
+def on_signal(signum: int, frame: FrameType | None) -> None:
+    global stopping
+    stopping = True
+
+
+def wait_for_http(url: str, timeout: float = 30.0) -> bool:
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and not stopping:
+        try:
+            with urllib.request.urlopen(url, timeout=1):
+                return True
+        except OSError:
+            time.sleep(0.2)
+    return False
+
+
+def main() -> int:
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    port = int(os.environ.get("PORT", "8000"))
+    workers = int(os.environ.get("WORKERS", "1"))
+    env = dict(os.environ)
+
+    embedded = None
+    if not env.get("REDIS_URL"):
+        embedded = EmbeddedRedis(
+            ROOT / "var" / "redis", port=int(env.get("REDIS_PORT", "6390"))
+        )
+        embedded.start()
+        env["REDIS_URL"] = embedded.url
+        print(f"redis: embedded server at {embedded.url} (data in var/redis)")
+    else:
+        print(f"redis: {env['REDIS_URL']}")
+
+    python = sys.executable
+    children: list[subprocess.Popen[bytes]] = []
+    try:
+        children.append(subprocess.Popen(
+            [python, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port),
+             "streamsvc.asgi:application"],
+            cwd=ROOT, env=env,
+        ))
+        for _ in range(workers):
+            children.append(subprocess.Popen(
+                [python, "manage.py", "rqworker", "streams"], cwd=ROOT, env=env
+            ))
+        if wait_for_http(f"http://127.0.0.1:{port}/healthz"):
+            print(f"\nchat:  http://127.0.0.1:{port}/")
+            print(f"admin: http://127.0.0.1:{port}/admin/")
+            print("Ctrl-C stops everything.\n", flush=True)
+        while not stopping:
+            dead = [c for c in children if c.poll() is not None]
+            if dead:
+                print(f"run: {dead[0].args[2]} exited with {dead[0].returncode}")
+                return 1
+            time.sleep(0.2)
+        return 0
+    finally:
+        for child in reversed(children):
+            if child.poll() is None:
+                child.terminate()
+        for child in children:
+            try:
+                child.wait(10)
+            except subprocess.TimeoutExpired:
+                child.kill()
+        if embedded is not None:
+            embedded.stop()
+        print("run: stopped")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,38 @@
+"""Interleave heartbeats with an event stream."""
+
+import asyncio
+from collections.abc import AsyncGenerator, AsyncIterator
+from typing import TypeVar
+
+T = TypeVar("T")
+
+
+async def with_heartbeats(
+    source: AsyncGenerator[T, None], interval: float
+) -> AsyncIterator[T | None]:
+    """Yield ``source``'s items, and None whenever ``interval`` passes idle.
+
+    The source is advanced in its own task so that waiting for a heartbeat
+    never cancels a pending item. On exit (end, error, cancellation) the
+    source is closed, which closes the provider stream behind it.
+    """
+    pending: asyncio.Future[T] | None = None
+    try:
+        while True:
+            if pending is None:
+                pending = asyncio.ensure_future(anext(source))
+            done, _ = await asyncio.wait({pending}, timeout=interval)
+            if not done:
+                yield None
+                continue
+            finished, pending = pending, None
+            try:
+                item = finished.result()
+            except StopAsyncIteration:
+                return
+            yield item
+    finally:
+        if pending is not None:
+            pending.cancel()
+            await asyncio.gather(pending, return_exceptions=True)
+        await source.aclose()
