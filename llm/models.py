@@ -10,7 +10,7 @@ class Provider(models.Model):
     name = models.SlugField(
         max_length=64,
         unique=True,
-        help_text="The name clients pass as \"provider\" and events report.",
+        help_text='The name clients pass as "provider" and events report.',
     )
     kind = models.CharField(
         max_length=16,
@@ -24,8 +24,7 @@ class Provider(models.Model):
     )
     enabled = models.BooleanField(
         default=True,
-        help_text="Disabled providers receive no traffic and are unknown to "
-        "clients.",
+        help_text="Disabled providers receive no traffic and are unknown to clients.",
     )
     options = models.JSONField(
         default=dict,

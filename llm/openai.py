@@ -16,9 +16,15 @@ from typing import Any
 import httpx
 
 from .base import ChatRequest, Finish, StreamItem, TextDelta, Usage
-from .errors import LLMError, ProviderConnectionError, ProviderRateLimited
-from .errors import ProviderRejected, ProviderServerError, ProviderStreamError
-from .errors import ProviderTimeout
+from .errors import (
+    LLMError,
+    ProviderConnectionError,
+    ProviderRateLimited,
+    ProviderRejected,
+    ProviderServerError,
+    ProviderStreamError,
+    ProviderTimeout,
+)
 from .retry_after import parse_retry_after
 from .sse import aiter_events
 

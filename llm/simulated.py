@@ -10,8 +10,12 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from .base import ChatRequest, Finish, StreamItem, TextDelta, Usage
-from .errors import ProviderRateLimited, ProviderRejected, ProviderServerError
-from .errors import ProviderStreamError
+from .errors import (
+    ProviderRateLimited,
+    ProviderRejected,
+    ProviderServerError,
+    ProviderStreamError,
+)
 
 Sleep = Callable[[float], Awaitable[None]]
 
@@ -36,11 +40,41 @@ DEFAULTS: dict[str, Any] = {
     "retry_after_seconds": 5.0,
 }
 
-_WORDS = (
-    "streams tokens arrive steadily while the breaker watches every provider "
-    "and the pool keeps its leases fresh so queued requests wait their turn "
-    "until a worker picks them up and answers with care"
-).split()
+_WORDS = [
+    "streams",
+    "tokens",
+    "arrive",
+    "steadily",
+    "while",
+    "the",
+    "breaker",
+    "watches",
+    "every",
+    "provider",
+    "and",
+    "the",
+    "pool",
+    "keeps",
+    "its",
+    "leases",
+    "fresh",
+    "so",
+    "queued",
+    "requests",
+    "wait",
+    "their",
+    "turn",
+    "until",
+    "a",
+    "worker",
+    "picks",
+    "them",
+    "up",
+    "and",
+    "answers",
+    "with",
+    "care",
+]
 
 
 def simulated_text(request: ChatRequest, count: int) -> list[str]:
@@ -86,7 +120,10 @@ class SimulatedProvider:
         count = min(natural, request.max_tokens or natural)
         interval = 1 / float(self.options["tokens_per_second"])
         for index, token in enumerate(simulated_text(request, count)):
-            if fault == "fail_after_tokens" and index >= self.options["fail_after_tokens"]:
+            if (
+                fault == "fail_after_tokens"
+                and index >= self.options["fail_after_tokens"]
+            ):
                 raise ProviderStreamError(
                     "simulated failure mid-stream", provider=self.name
                 )

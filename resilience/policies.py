@@ -11,6 +11,7 @@ Redis is unreachable the cache reloads from the database on a slower timer.
 import json
 import logging
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -113,7 +114,7 @@ class PolicyCache:
         if not self._redis_ok:
             logger.warning("policies: Redis reachable again")
         self._redis_ok = True
-        return raw.decode() if raw is not None else "0"
+        return raw.decode() if raw is not None else "unset"
 
     def _build(self, version: str | None, configs: list[ProviderConfig]) -> Snapshot:
         # Reuse an adapter whose configuration did not change, so its HTTP
@@ -131,9 +132,14 @@ class PolicyCache:
 
 
 def bump_version() -> None:
-    """Tell every process that policies changed (called after a commit)."""
+    """Tell every process that policies changed (called after a commit).
+
+    The version is a fresh random token rather than a counter: a counter
+    restarts at 1 after Redis loses the key and could match a version that
+    a process already holds.
+    """
     try:
-        redis_client.sync_client().incr(redis_client.key(VERSION_KEY))
+        redis_client.sync_client().set(redis_client.key(VERSION_KEY), uuid.uuid4().hex)
     except RedisError as exc:
         logger.warning(
             "policies: could not announce a change (%s); processes pick it up "

@@ -22,15 +22,16 @@ def key(*parts: object) -> str:
     return ":".join([settings.REDIS_KEY_PREFIX, *map(str, parts)])
 
 
-def _options() -> dict[str, float]:
-    timeout = float(settings.REDIS_TIMEOUT_SECONDS)
-    return {"socket_timeout": timeout, "socket_connect_timeout": timeout}
+def _timeout() -> float:
+    return float(settings.REDIS_TIMEOUT_SECONDS)
 
 
 @lru_cache(maxsize=1)
 def sync_client() -> redis.Redis:
     """Return the process's synchronous client (admin, commands, workers)."""
-    return redis.Redis.from_url(settings.REDIS_URL, **_options())
+    return redis.Redis.from_url(
+        settings.REDIS_URL, socket_timeout=_timeout(), socket_connect_timeout=_timeout()
+    )
 
 
 def async_client() -> aioredis.Redis:
@@ -38,7 +39,11 @@ def async_client() -> aioredis.Redis:
     loop = asyncio.get_running_loop()
     client = _async_clients.get(loop)
     if client is None:
-        client = aioredis.Redis.from_url(settings.REDIS_URL, **_options())
+        client = aioredis.Redis.from_url(
+            settings.REDIS_URL,
+            socket_timeout=_timeout(),
+            socket_connect_timeout=_timeout(),
+        )
         _async_clients[loop] = client
     return client
 

@@ -58,34 +58,33 @@ def main() -> int:
     else:
         print(f"redis: {env['REDIS_URL']}")
 
-    python = sys.executable
-    children: list[subprocess.Popen[bytes]] = []
+    def spawn(args: list[str]) -> subprocess.Popen[bytes]:
+        return subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env)
+
+    children: list[tuple[str, subprocess.Popen[bytes]]] = []
     try:
-        children.append(subprocess.Popen(
-            [python, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port),
-             "streamsvc.asgi:application"],
-            cwd=ROOT, env=env,
-        ))
-        for _ in range(workers):
-            children.append(subprocess.Popen(
-                [python, "manage.py", "rqworker", "streams"], cwd=ROOT, env=env
-            ))
+        daphne = ["-m", "daphne", "-b", "127.0.0.1", "-p", str(port)]
+        children.append(("daphne", spawn([*daphne, "streamsvc.asgi:application"])))
+        for index in range(workers):
+            worker = spawn(["manage.py", "rqworker", "streams"])
+            children.append((f"worker {index + 1}", worker))
         if wait_for_http(f"http://127.0.0.1:{port}/healthz"):
             print(f"\nchat:  http://127.0.0.1:{port}/")
             print(f"admin: http://127.0.0.1:{port}/admin/")
             print("Ctrl-C stops everything.\n", flush=True)
         while not stopping:
-            dead = [c for c in children if c.poll() is not None]
+            dead = [(n, c) for n, c in children if c.poll() is not None]
             if dead:
-                print(f"run: {dead[0].args[2]} exited with {dead[0].returncode}")
+                name, child = dead[0]
+                print(f"run: {name} exited with {child.returncode}; stopping")
                 return 1
             time.sleep(0.2)
         return 0
     finally:
-        for child in reversed(children):
+        for _, child in reversed(children):
             if child.poll() is None:
                 child.terminate()
-        for child in children:
+        for _, child in children:
             try:
                 child.wait(10)
             except subprocess.TimeoutExpired:

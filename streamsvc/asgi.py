@@ -17,7 +17,7 @@ application = ProtocolTypeRouter(
         "http": URLRouter(
             [
                 path("api/v1/chat/stream", ChatStreamConsumer.as_asgi()),
-                re_path(r"", django_application),
+                re_path(r"", django_application),  # type: ignore[arg-type]
             ]
         ),
     }

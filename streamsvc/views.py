@@ -30,8 +30,11 @@ def healthz(request: HttpRequest) -> JsonResponse:
 @never_cache
 def readyz(request: HttpRequest) -> JsonResponse:
     """Answer 200 when Redis and the database both answer, else 503."""
-    down = [name for name, check in (("redis", _redis_ok), ("database", _db_ok))
-            if not check()]
+    down = [
+        name
+        for name, check in (("redis", _redis_ok), ("database", _db_ok))
+        if not check()
+    ]
     if down:
         logger.warning("readyz: %s unreachable", ", ".join(down))
         return JsonResponse(

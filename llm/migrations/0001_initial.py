@@ -4,25 +4,64 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     initial = True
 
-    dependencies = [
-    ]
+    dependencies = []
 
     operations = [
         migrations.CreateModel(
-            name='Provider',
+            name="Provider",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('name', models.SlugField(help_text='The name clients pass as "provider" and events report.', max_length=64, unique=True)),
-                ('kind', models.CharField(choices=[('simulated', 'simulated'), ('openai', 'openai')], help_text='simulated: built-in text, no network. openai: any OpenAI-compatible Chat Completions endpoint.', max_length=16)),
-                ('order', models.PositiveIntegerField(default=100, help_text='Lower is tried first when a request names no provider.')),
-                ('enabled', models.BooleanField(default=True, help_text='Disabled providers receive no traffic and are unknown to clients.')),
-                ('options', models.JSONField(blank=True, default=dict, help_text='Per-kind settings as a JSON object. simulated: ttft_ms, tokens_per_second, length, max_tokens, fault (none, fail_before_first_token, fail_after_tokens, hang, rate_limited, server_error, bad_request), fail_after_tokens, retry_after_seconds. openai: base_url, model, api_key_env, timeout_seconds, connect_timeout_seconds, max_tokens, max_connections.')),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True,
+                        primary_key=True,
+                        serialize=False,
+                        verbose_name="ID",
+                    ),
+                ),
+                (
+                    "name",
+                    models.SlugField(
+                        help_text='The name clients pass as "provider" and events report.',
+                        max_length=64,
+                        unique=True,
+                    ),
+                ),
+                (
+                    "kind",
+                    models.CharField(
+                        choices=[("simulated", "simulated"), ("openai", "openai")],
+                        help_text="simulated: built-in text, no network. openai: any OpenAI-compatible Chat Completions endpoint.",
+                        max_length=16,
+                    ),
+                ),
+                (
+                    "order",
+                    models.PositiveIntegerField(
+                        default=100,
+                        help_text="Lower is tried first when a request names no provider.",
+                    ),
+                ),
+                (
+                    "enabled",
+                    models.BooleanField(
+                        default=True,
+                        help_text="Disabled providers receive no traffic and are unknown to clients.",
+                    ),
+                ),
+                (
+                    "options",
+                    models.JSONField(
+                        blank=True,
+                        default=dict,
+                        help_text="Per-kind settings as a JSON object. simulated: ttft_ms, tokens_per_second, length, max_tokens, fault (none, fail_before_first_token, fail_after_tokens, hang, rate_limited, server_error, bad_request), fail_after_tokens, retry_after_seconds. openai: base_url, model, api_key_env, timeout_seconds, connect_timeout_seconds, max_tokens, max_connections.",
+                    ),
+                ),
             ],
             options={
-                'ordering': ['order', 'name'],
+                "ordering": ["order", "name"],
             },
         ),
     ]

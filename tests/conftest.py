@@ -1,0 +1,143 @@
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import redis as redis_lib
+from django.conf import settings
+
+from resilience import redis_client
+from resilience.policies import policy_cache
+from streamsvc.embedded_redis import free_port
+from tests import redis_plugin
+from tests.fake_openai import FakeOpenAI
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def redis() -> Iterator[redis_lib.Redis]:
+    """A client of the session's real Redis server, emptied before the test."""
+    client = redis_lib.Redis.from_url(settings.REDIS_URL)
+    client.flushdb()
+    yield client
+    client.close()
+
+
+@pytest.fixture(autouse=True)
+def _fresh_policy_cache() -> Iterator[None]:
+    policy_cache.invalidate()
+    yield
+    policy_cache.invalidate()
+    redis_client.reset_clients()
+
+
+@pytest.fixture
+def fake_openai() -> Iterator[FakeOpenAI]:
+    server = FakeOpenAI().start()
+    yield server
+    server.stop()
+
+
+def wait_until(check: Callable[[], bool], timeout: float = 10.0) -> bool:
+    """Poll ``check`` until it is true or ``timeout`` passes."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return True
+        time.sleep(0.02)
+    return check()
+
+
+class LiveServer:
+    """A real daphne process serving ``streamsvc.asgi`` on a free port."""
+
+    def __init__(self, env: dict[str, str]) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = redis_plugin.workdir() / f"daphne-{self.port}.log"
+        self.env = env
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> "LiveServer":
+        with open(self.log, "wb") as log:
+            self.process = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "daphne",
+                    "-b",
+                    "127.0.0.1",
+                    "-p",
+                    str(self.port),
+                    "streamsvc.asgi:application",
+                ],
+                cwd=ROOT,
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        if not wait_until(self._healthy, timeout=30):
+            self.stop()
+            raise RuntimeError(f"daphne did not start:\n{self.log.read_text()}")
+        return self
+
+    def _healthy(self) -> bool:
+        try:
+            return httpx.get(self.url + "/healthz", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+def live_env(**overrides: str) -> dict[str, str]:
+    db = settings.DATABASES["default"]["NAME"]
+    env = {
+        **os.environ,
+        "DATABASE_URL": f"sqlite:///{db}",
+        "HEARTBEAT_SECONDS": "0.5",
+        "PROVIDER_IDLE_SECONDS": "5",
+        "POLICY_REFRESH_SECONDS": "0.05",
+        "LOG_LEVEL": "INFO",
+        **overrides,
+    }
+    env.pop("STREAMSVC_TEST_DB", None)
+    return env
+
+
+@pytest.fixture(scope="session")
+def daphne(django_db_setup: Any, django_db_blocker: Any) -> Iterator[LiveServer]:
+    server = LiveServer(live_env()).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def providers(transactional_db: Any, redis: redis_lib.Redis) -> Callable[..., None]:
+    """Replace every provider row; live servers see the change within 0.3 s."""
+    from llm.models import Provider
+
+    def configure(*rows: dict[str, Any]) -> None:
+        Provider.objects.all().delete()
+        for order, row in enumerate(rows):
+            Provider.objects.create(
+                **{"kind": "simulated", "order": order, "enabled": True, **row}
+            )
+        time.sleep(0.3)
+
+    return configure
