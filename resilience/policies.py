@@ -16,13 +16,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from asgiref.sync import sync_to_async
-from django.conf import settings
 from redis.exceptions import RedisError
 
 from llm.base import ChatProvider
 from llm.registry import ProviderConfig, build_provider
 
-from . import redis_client
+from . import conf, redis_client
 
 logger = logging.getLogger(__name__)
 
@@ -74,11 +73,13 @@ class PolicyCache:
         self._loaded_at = float("-inf")
         self._adapters: dict[str, ProviderEntry] = {}
         self._redis_ok = True
+        self.loads = 0
+        self.version_reads = 0
 
     async def aget(self) -> Snapshot:
         """Return a snapshot no older than the refresh interval allows."""
         now = self._clock()
-        interval = float(settings.STREAMSVC["POLICY_REFRESH_SECONDS"])
+        interval = conf.number("POLICY_REFRESH_SECONDS")
         if self._snapshot is not None and now - self._checked_at < interval:
             return self._snapshot
         self._checked_at = now
@@ -89,6 +90,7 @@ class PolicyCache:
             )()
             self._snapshot = self._build(version, configs)
             self._loaded_at = now
+            self.loads += 1
         assert self._snapshot is not None
         return self._snapshot
 
@@ -104,6 +106,7 @@ class PolicyCache:
         return version != self._snapshot.version
 
     async def _aversion(self) -> str | None:
+        self.version_reads += 1
         try:
             raw = await redis_client.async_client().get(redis_client.key(VERSION_KEY))
         except (RedisError, OSError) as exc:

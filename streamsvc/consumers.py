@@ -22,12 +22,14 @@ from django.http import HttpRequest, HttpResponse
 from django.middleware.csrf import CsrfViewMiddleware
 
 from llm.base import ChatRequest
+from resilience import conf
 from resilience.events import StreamEvent
 from resilience.events import error as error_event
 from resilience.pipeline import stream_events
 from resilience.policies import ProviderEntry, policy_cache
 
 from .errors import ApiError
+from .identity import Identity, identify
 from .relay import with_heartbeats
 from .sse import HEADERS, EventWriter
 from .validation import check_content_type, parse_chat_request
@@ -39,7 +41,7 @@ def max_body_bytes() -> int:
     # A character may take up to 12 bytes as a JSON surrogate-pair escape;
     # the rest is room for the envelope. The exact character limit is
     # enforced after parsing.
-    return int(settings.STREAMSVC["MAX_PROMPT_CHARS"]) * 12 + 64 * 1024
+    return conf.integer("MAX_PROMPT_CHARS") * 12 + 64 * 1024
 
 
 def _unused_view(request: HttpRequest) -> HttpResponse:
@@ -59,6 +61,7 @@ class ChatStreamConsumer(AsyncHttpConsumer):
         self._received = 0
         self._refused = False
         self._task: asyncio.Task[None] | None = None
+        self.identity: Identity | None = None
 
     async def http_request(self, message: dict[str, Any]) -> None:
         if self._task is not None or self._refused:
@@ -115,7 +118,7 @@ class ChatStreamConsumer(AsyncHttpConsumer):
             request,
             entry.adapter,
             request_id,
-            item_timeout=float(settings.STREAMSVC["PROVIDER_IDLE_SECONDS"]),
+            item_timeout=conf.number("PROVIDER_IDLE_SECONDS"),
         )
         await self._relay(source, writer, request_id)
 
@@ -123,15 +126,29 @@ class ChatStreamConsumer(AsyncHttpConsumer):
         if self.scope.get("method") != "POST":
             raise ApiError(405, "method_not_allowed", "use POST")
         check_content_type(self._header(b"content-type"))
-        self._check_csrf(body)
         snapshot = await policy_cache.aget()
-        return parse_chat_request(
-            body, snapshot, int(settings.STREAMSVC["MAX_PROMPT_CHARS"])
+        request, entry = parse_chat_request(
+            body, snapshot, conf.integer("MAX_PROMPT_CHARS")
         )
+        self.identity = await identify(
+            self._peer(), self._headers(), settings.TRUSTED_PROXIES, snapshot.version
+        )
+        self._check_csrf(body)
+        return request, entry
+
+    def _peer(self) -> str:
+        client = self.scope.get("client") or ("", 0)
+        return str(client[0])
+
+    def _headers(self) -> dict[str, str]:
+        return {
+            key.decode("latin-1").lower(): value.decode("latin-1")
+            for key, value in self.scope.get("headers", [])
+        }
 
     async def _relay(self, source: Any, writer: EventWriter, request_id: str) -> None:
         started = time.monotonic()
-        interval = float(settings.STREAMSVC["HEARTBEAT_SECONDS"])
+        interval = conf.number("HEARTBEAT_SECONDS")
         last: StreamEvent | None = None
         tokens = 0
         try:

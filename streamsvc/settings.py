@@ -6,8 +6,10 @@ README lists each variable. The defaults are safe for local use on
 ``DJANGO_ALLOWED_HOSTS`` and ``DJANGO_SECURE=1`` (behind HTTPS).
 """
 
+import ipaddress
 import os
 from pathlib import Path
+from typing import Any
 
 import dj_database_url
 from django.core.exceptions import ImproperlyConfigured
@@ -59,6 +61,17 @@ if SECURE and SECRET_KEY == _LOCAL_KEY:
 
 ALLOWED_HOSTS = env_list("DJANGO_ALLOWED_HOSTS", "127.0.0.1,localhost,[::1]")
 CSRF_TRUSTED_ORIGINS = env_list("DJANGO_CSRF_TRUSTED_ORIGINS", "")
+
+# Proxies whose X-Forwarded-For we believe (comma-separated CIDRs). Daphne's
+# --proxy-headers trusts the left-most hop, which the client writes; we
+# read the right-most untrusted hop instead (streamsvc.identity).
+try:
+    TRUSTED_PROXIES = tuple(
+        ipaddress.ip_network(cidr, strict=False)
+        for cidr in env_list("TRUSTED_PROXIES", "")
+    )
+except ValueError as exc:
+    raise ImproperlyConfigured(f"TRUSTED_PROXIES: {exc}") from None
 
 INSTALLED_APPS = [
     "daphne",
@@ -166,7 +179,7 @@ RQ_QUEUES = {
 
 CACHES = {
     "default": {
-        "BACKEND": "django.core.cache.backends.redis.RedisCache",
+        "BACKEND": "streamsvc.cache.FailOpenRedisCache",
         "LOCATION": REDIS_URL,
         "KEY_PREFIX": f"{REDIS_KEY_PREFIX}:cache",
         "OPTIONS": {
@@ -176,7 +189,11 @@ CACHES = {
     },
 }
 
-STREAMSVC = {
+# The admin login stays usable while Redis is down (streamsvc.cache).
+RATELIMIT_FAIL_OPEN = True
+RATELIMIT_USE_CACHE = "default"
+
+STREAMSVC: dict[str, Any] = {
     # Longest conversation, in characters of message content, that we accept.
     "MAX_PROMPT_CHARS": int(env_number("MAX_PROMPT_CHARS", 32000)),
     # Comment heartbeat interval while nothing else is sent (shared/CASES C02).
@@ -185,6 +202,10 @@ STREAMSVC = {
     "POLICY_REFRESH_SECONDS": env_number("POLICY_REFRESH_SECONDS", 0.5),
     # A provider silent this long mid-request ends the stream with an error.
     "PROVIDER_IDLE_SECONDS": env_number("PROVIDER_IDLE_SECONDS", 60),
+    # Refuse anonymous stream requests (no API key, no login) with 401.
+    "REQUIRE_AUTH": env_bool("REQUIRE_AUTH", False),
+    # Admin login attempts per client IP (django-ratelimit, fixed window).
+    "LOGIN_RATE": os.environ.get("LOGIN_RATE", "10/m"),
 }
 
 if SECURE:

@@ -1,18 +1,53 @@
 """Plain Django views: the demo page and the health probes."""
 
 import logging
+from typing import Any
 
+from django.conf import settings
+from django.contrib import admin
 from django.db import connection
 from django.db.utils import DatabaseError
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import render
 from django.views.decorators.cache import never_cache
 from django.views.decorators.csrf import ensure_csrf_cookie
+from django_ratelimit.core import is_ratelimited
 from redis.exceptions import RedisError
 
-from resilience import redis_client
+from resilience import conf, redis_client
+
+from .identity import client_ip
 
 logger = logging.getLogger(__name__)
+
+
+def login_client_ip(group: str, request: HttpRequest) -> str:
+    """django-ratelimit key: the client's real address (C10 rules)."""
+    return client_ip(
+        request.META.get("REMOTE_ADDR", ""),
+        request.META.get("HTTP_X_FORWARDED_FOR", ""),
+        settings.TRUSTED_PROXIES,
+    )
+
+
+def guarded_login(request: HttpRequest, **kwargs: Any) -> HttpResponse:
+    """The admin login, limited per client IP; a fixed window is enough here."""
+    limited = is_ratelimited(
+        request,
+        group="admin-login",
+        key=login_client_ip,
+        rate=conf.text("LOGIN_RATE"),
+        method="POST",
+        increment=True,
+    )
+    if limited:
+        logger.warning("admin login: rate limited")
+        return HttpResponse(
+            "Too many login attempts; wait a minute and try again.",
+            status=429,
+            content_type="text/plain",
+        )
+    return admin.site.login(request, **kwargs)
 
 
 @ensure_csrf_cookie

@@ -1,0 +1,75 @@
+from typing import Any
+
+from django.contrib import admin
+from django.http import HttpRequest
+
+from .models import (
+    ApiKey,
+    BreakerPolicy,
+    PoolPolicy,
+    QueuePolicy,
+    RateLimitPolicy,
+    RetryPolicy,
+)
+
+
+@admin.register(RateLimitPolicy)
+class RateLimitPolicyAdmin(admin.ModelAdmin):
+    list_display = (
+        "name",
+        "scope",
+        "capacity",
+        "refill_per_second",
+        "enabled",
+        "on_redis_down",
+    )
+    list_editable = ("capacity", "refill_per_second", "enabled", "on_redis_down")
+    list_filter = ("scope", "enabled")
+
+
+class SingletonAdmin(admin.ModelAdmin):
+    """One row, created by a migration: it can be edited, not added or deleted."""
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return not self.model.objects.exists()
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+
+admin.site.register(PoolPolicy, SingletonAdmin)
+admin.site.register(QueuePolicy, SingletonAdmin)
+admin.site.register(RetryPolicy, SingletonAdmin)
+
+
+@admin.register(BreakerPolicy)
+class BreakerPolicyAdmin(admin.ModelAdmin):
+    list_display = (
+        "provider",
+        "failure_threshold",
+        "failure_rate_percent",
+        "window_seconds",
+        "recovery_timeout_seconds",
+        "half_open_probes",
+    )
+
+
+@admin.register(ApiKey)
+class ApiKeyAdmin(admin.ModelAdmin):
+    list_display = ("prefix", "user", "name", "created_at", "revoked_at")
+    list_filter = ("revoked_at",)
+    search_fields = ("prefix", "user__username", "name")
+    readonly_fields = ("prefix", "created_at")
+    actions = ["revoke"]
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        # A key is shown once, at creation: `manage.py apikey create USER`.
+        return False
+
+    @admin.action(description="Revoke the selected keys")
+    def revoke(self, request: HttpRequest, queryset: Any) -> None:
+        from django.utils import timezone
+
+        for key in queryset.filter(revoked_at__isnull=True):
+            key.revoked_at = timezone.now()
+            key.save(update_fields=["revoked_at"])

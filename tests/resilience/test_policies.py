@@ -1,0 +1,114 @@
+"""The in-process policy cache: no database per request, changes within 1 s."""
+
+import subprocess
+import sys
+import time
+from typing import Any
+
+import pytest
+from django.conf import settings
+
+from llm.models import Provider
+from resilience.policies import PolicyCache, bump_version
+from tests.conftest import ROOT, live_env
+
+WATCHER = """
+import asyncio, time, django
+django.setup()
+from resilience.policies import policy_cache
+
+async def main():
+    first = (await policy_cache.aget()).provider("simulated").config.options
+    print("ready", first.get("ttft_ms"), flush=True)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        snap = await policy_cache.aget()
+        seen = snap.provider("simulated").config.options.get("ttft_ms")
+        if seen != first.get("ttft_ms"):
+            print("seen", seen, time.time(), flush=True)
+            return
+        await asyncio.sleep(0.01)
+    print("never", flush=True)
+
+asyncio.run(main())
+"""
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.mark.timeout(60)
+def test_a_change_reaches_another_process_within_one_second(
+    transactional_db: Any, redis: Any
+) -> None:
+    Provider.objects.update_or_create(
+        name="simulated", defaults={"kind": "simulated", "options": {"ttft_ms": 1}}
+    )
+    env = live_env(
+        POLICY_REFRESH_SECONDS="0.5", DJANGO_SETTINGS_MODULE="streamsvc.settings"
+    )
+    watcher = subprocess.Popen(
+        [sys.executable, "-c", WATCHER],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert watcher.stdout is not None
+        assert watcher.stdout.readline().split() == ["ready", "1"]
+        changed_at = time.time()
+        provider = Provider.objects.get(name="simulated")
+        provider.options = {"ttft_ms": 2}
+        provider.save()
+        line = watcher.stdout.readline().split()
+    finally:
+        watcher.kill()
+        watcher.wait()
+    assert line[:2] == ["seen", "2"]
+    assert float(line[2]) - changed_at < 1.0
+
+
+async def test_steady_requests_read_no_database_and_redis_once_per_interval(
+    transactional_db: Any, redis: Any
+) -> None:
+    clock = Clock()
+    cache = PolicyCache(clock=clock)
+    await cache.aget()
+    for _ in range(200):
+        await cache.aget()
+    assert (cache.loads, cache.version_reads) == (1, 1)
+
+    clock.now += float(settings.STREAMSVC["POLICY_REFRESH_SECONDS"]) + 0.01
+    await cache.aget()
+    assert (cache.loads, cache.version_reads) == (1, 2)
+
+
+async def test_a_version_change_reloads_once(transactional_db: Any, redis: Any) -> None:
+    clock = Clock()
+    cache = PolicyCache(clock=clock)
+    await cache.aget()
+    bump_version()
+    clock.now += 10
+    await cache.aget()
+    await cache.aget()
+    assert cache.loads == 2
+
+
+async def test_unchanged_providers_keep_their_adapter_across_reloads(
+    transactional_db: Any, redis: Any
+) -> None:
+    await Provider.objects.aupdate_or_create(name="simulated", kind="simulated")
+    clock = Clock()
+    cache = PolicyCache(clock=clock)
+    before = (await cache.aget()).provider("simulated")
+    await Provider.objects.acreate(name="other", kind="simulated")
+    clock.now += 10
+    after = await cache.aget()
+    assert after.provider("other") is not None
+    assert after.provider("simulated").adapter is before.adapter  # type: ignore[union-attr]
