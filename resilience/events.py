@@ -44,3 +44,7 @@ def error(code: str, message: str, retry_after: int | None = None) -> StreamEven
     return StreamEvent(
         ERROR, {"code": code, "message": message, "retry_after": retry_after}
     )
+
+
+def queued(request_id: str, position: int) -> StreamEvent:
+    return StreamEvent(QUEUED, {"request_id": request_id, "position": position})

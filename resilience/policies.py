@@ -94,6 +94,10 @@ class PolicyCache:
         assert self._snapshot is not None
         return self._snapshot
 
+    def current(self) -> Snapshot | None:
+        """Return the snapshot held now, without refreshing it."""
+        return self._snapshot
+
     def invalidate(self) -> None:
         """Force a reload on the next ``aget`` (tests, commands)."""
         self._snapshot = None

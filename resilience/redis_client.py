@@ -8,6 +8,7 @@ as ``RedisError`` within that bound instead of a hung request.
 import asyncio
 import weakref
 from functools import lru_cache
+from typing import Any
 
 import redis
 import redis.asyncio as aioredis
@@ -59,3 +60,9 @@ def reset_clients() -> None:
     """Forget cached clients, e.g. after the Redis URL changed in tests."""
     sync_client.cache_clear()
     _async_clients.clear()
+
+
+async def run_script(source: str, keys: list[str], args: list[Any]) -> Any:
+    """Run a Lua script on the loop's client (EVALSHA, loading it if needed)."""
+    script: Any = async_client().register_script(source)
+    return await script(keys=keys, args=args)

@@ -27,10 +27,10 @@ from resilience.events import StreamEvent
 from resilience.events import error as error_event
 from resilience.pipeline import stream_events
 from resilience.policies import ProviderEntry, policy_cache
+from resilience.streams import with_heartbeats
 
 from .errors import ApiError
 from .identity import Identity, identify
-from .relay import with_heartbeats
 from .sse import HEADERS, EventWriter
 from .validation import check_content_type, parse_chat_request
 

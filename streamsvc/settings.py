@@ -165,7 +165,7 @@ REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6390/0")
 REDIS_TIMEOUT_SECONDS = env_number("REDIS_TIMEOUT_SECONDS", 0.5)
 REDIS_KEY_PREFIX = os.environ.get("REDIS_KEY_PREFIX", "streamsvc")
 
-CHANNEL_LAYERS = {
+CHANNEL_LAYERS: dict[str, dict[str, Any]] = {
     "default": {
         "BACKEND": "channels_redis.core.RedisChannelLayer",
         "CONFIG": {"hosts": [REDIS_URL], "prefix": f"{REDIS_KEY_PREFIX}:asgi"},

@@ -1,4 +1,4 @@
-"""Interleave heartbeats with an event stream."""
+"""Helpers for async streams of events."""
 
 import asyncio
 from collections.abc import AsyncGenerator, AsyncIterator

@@ -1,0 +1,249 @@
+"""Layer 3, consumer side: the RQ job that streams a queued answer back.
+
+``run_stream_job`` is what ``manage.py rqworker streams`` runs. It is a thin
+synchronous shell around one event loop for the whole job (shared/CASES.md
+C04): the job runs the same ``stream_events`` pipeline as the direct path and
+publishes batches of events to the request's group and journal. Every Redis
+connection it opens belongs to that loop and is closed before the loop ends,
+so 200 jobs in a row leave ``connected_clients`` where it was, and nothing is
+ever used from a loop it does not belong to.
+"""
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from channels_redis.core import RedisChannelLayer
+from django.conf import settings
+from redis.exceptions import RedisError
+
+from llm.base import ChatRequest, Message
+
+from . import conf, events, redis_client
+from .events import StreamEvent
+from .pipeline import stream_events
+from .policies import policy_cache
+from .queue_request_handler import (
+    HEARTBEAT_EVERY,
+    HEARTBEAT_TTL_MS,
+    JOURNAL_TTL_SECONDS,
+    START,
+    JobPayload,
+    caller_key,
+    cancel_key,
+    durations_key,
+    encode_batch,
+    heartbeat_key,
+    journal_key,
+    waiting_key,
+)
+from .streams import with_heartbeats
+
+logger = logging.getLogger(__name__)
+
+# Tokens are sent in batches this old at most: one message per token would
+# cost a Redis round trip each and fill the channel's capacity.
+BATCH_SECONDS = 0.04
+CANCEL_CHECK_EVERY = 0.25
+
+
+def run_stream_job(payload: dict[str, Any]) -> dict[str, Any]:
+    """RQ entry point: stream one queued request; return its outcome."""
+    job = JobPayload(**payload)
+    return asyncio.run(_run(job))
+
+
+def new_layer() -> RedisChannelLayer:
+    """A channel layer of this job's own, closed with the job's loop."""
+    config: Any = settings.CHANNEL_LAYERS["default"]["CONFIG"]
+    return RedisChannelLayer(**config)
+
+
+async def _run(job: JobPayload) -> dict[str, Any]:
+    layer = new_layer()
+    publisher = Publisher(job, layer)
+    started = time.monotonic()
+    try:
+        keys = [waiting_key(), caller_key(job.caller), heartbeat_key(job.request_id),
+                cancel_key(job.request_id)]  # fmt: skip
+        args = [job.request_id, HEARTBEAT_TTL_MS]
+        if not await redis_client.run_script(START, keys, args):
+            logger.info("queue %s: cancelled before it started", job.request_id)
+            return {"outcome": "cancelled"}
+        outcome = await _stream(job, publisher)
+        await _record_duration(time.monotonic() - started)
+        return {"outcome": outcome}
+    finally:
+        with contextlib.suppress(RedisError, OSError):
+            await redis_client.async_client().delete(heartbeat_key(job.request_id))
+        await layer.close_pools()
+        await _close_provider_clients()
+        await redis_client.aclose_async_client()
+
+
+async def _stream(job: JobPayload, publisher: "Publisher") -> str:
+    heartbeat = asyncio.ensure_future(_beat(job.request_id))
+    runner = asyncio.ensure_future(_publish_events(job, publisher))
+    watcher = asyncio.ensure_future(_watch_cancel(job.request_id))
+    try:
+        done, _ = await asyncio.wait(
+            {runner, watcher}, return_when=asyncio.FIRST_COMPLETED
+        )
+        if runner in done:
+            return runner.result()
+        logger.info("queue %s: client left, stopping", job.request_id)
+        return "cancelled"
+    finally:
+        for task in (heartbeat, runner, watcher):
+            task.cancel()
+        await asyncio.gather(heartbeat, runner, watcher, return_exceptions=True)
+
+
+async def _publish_events(job: JobPayload, publisher: "Publisher") -> str:
+    source = await _events(job)
+    async for event in batched(source, BATCH_SECONDS):
+        if event is None:
+            await publisher.flush()
+            continue
+        publisher.add(event)
+        if event.terminal:
+            await publisher.flush()
+            return event.name
+        if publisher.age() >= BATCH_SECONDS:
+            await publisher.flush()
+    return "incomplete"
+
+
+async def _events(job: JobPayload) -> AsyncIterator[StreamEvent]:
+    snapshot = await policy_cache.aget()
+    entry = (
+        snapshot.provider(job.provider)
+        if job.provider
+        else next(iter(snapshot.enabled_providers()), None)
+    )
+    if entry is None:
+        return _single(events.error("provider_unavailable", "no provider is enabled"))
+    request = ChatRequest(
+        tuple(Message(m["role"], m["content"]) for m in job.messages),  # type: ignore[arg-type]
+        job.model,
+        job.max_tokens,
+    )
+    return _deadline(
+        stream_events(
+            request,
+            entry.adapter,
+            job.request_id,
+            item_timeout=conf.number("PROVIDER_IDLE_SECONDS"),
+        ),
+        job.job_timeout_seconds,
+    )
+
+
+async def _single(event: StreamEvent) -> AsyncIterator[StreamEvent]:
+    yield event
+
+
+async def _deadline(
+    source: AsyncIterator[StreamEvent], seconds: float
+) -> AsyncIterator[StreamEvent]:
+    """End the stream with an error event if the job runs past its timeout."""
+    deadline = time.monotonic() + seconds
+    iterator = aiter(source)
+    while True:
+        try:
+            async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+                event = await anext(iterator)
+        except StopAsyncIteration:
+            return
+        except TimeoutError:
+            yield events.error("upstream_error", "the answer took too long")
+            return
+        yield event
+
+
+def batched(
+    source: AsyncIterator[StreamEvent], seconds: float
+) -> AsyncIterator[StreamEvent | None]:
+    """Yield events, and None when ``seconds`` pass without one (flush)."""
+    return with_heartbeats(source, seconds)  # type: ignore[arg-type]
+
+
+class Publisher:
+    """Send numbered batches to the request's group and journal."""
+
+    def __init__(self, job: JobPayload, layer: RedisChannelLayer) -> None:
+        self.job = job
+        self.layer = layer
+        self.seq = 0
+        self.batch: list[StreamEvent] = []
+        self.first_at = 0.0
+
+    def add(self, event: StreamEvent) -> None:
+        if not self.batch:
+            self.first_at = time.monotonic()
+        self.batch.append(event)
+
+    def age(self) -> float:
+        return time.monotonic() - self.first_at if self.batch else 0.0
+
+    async def flush(self) -> None:
+        if not self.batch:
+            return
+        self.seq += 1
+        encoded = encode_batch(self.batch)
+        self.batch = []
+        await self._journal(encoded)
+        try:
+            await self.layer.group_send(
+                self.job.group,
+                {"type": "stream.batch", "seq": self.seq, "events": encoded},
+            )
+        except (RedisError, OSError) as exc:
+            # The journal holds the batch; the follower reads it from there.
+            logger.warning("queue %s: group send failed (%s)", self.job.request_id, exc)
+
+    async def _journal(self, encoded: list[list[Any]]) -> None:
+        client = redis_client.async_client()
+        key = journal_key(self.job.request_id)
+        async with client.pipeline(transaction=False) as pipe:
+            pipe.xadd(key, {"seq": self.seq, "events": json.dumps(encoded)})
+            pipe.expire(key, JOURNAL_TTL_SECONDS)
+            await pipe.execute()
+
+
+async def _beat(request_id: str) -> None:
+    client = redis_client.async_client()
+    while True:
+        await asyncio.sleep(HEARTBEAT_EVERY)
+        with contextlib.suppress(RedisError, OSError):
+            await client.set(heartbeat_key(request_id), "running", px=HEARTBEAT_TTL_MS)
+
+
+async def _watch_cancel(request_id: str) -> None:
+    client = redis_client.async_client()
+    while True:
+        await asyncio.sleep(CANCEL_CHECK_EVERY)
+        with contextlib.suppress(RedisError, OSError):
+            if await client.exists(cancel_key(request_id)):
+                return
+
+
+async def _record_duration(seconds: float) -> None:
+    """Keep a moving average of job durations for Retry-After estimates."""
+    client = redis_client.async_client()
+    with contextlib.suppress(RedisError, OSError):
+        raw = await client.get(durations_key())
+        average = float(raw) if raw else seconds * 1000
+        await client.set(durations_key(), 0.8 * average + 0.2 * seconds * 1000)
+
+
+async def _close_provider_clients() -> None:
+    snapshot = policy_cache.current()
+    for entry in snapshot.providers if snapshot else ():
+        closer = getattr(entry.adapter, "aclose", None)
+        if closer is not None:
+            await closer()

@@ -1,0 +1,440 @@
+"""Layer 3, producer side: put an overflow request in the queue and follow it.
+
+When the pool is full a request is not refused: ``submit`` reserves a place
+(global depth and per-caller caps, one Lua step) and enqueues an RQ job on
+the ``streams`` queue; ``follow`` then turns what the worker publishes into
+the same events the direct path yields, with ``queued`` events while the
+request waits.
+
+The handoff is loss-proof by construction:
+
+- the consumer joins the request's channel-layer group *before* the job is
+  enqueued, so nothing is published to a group nobody listens to;
+- every batch carries a sequence number, and the worker also appends it to
+  a short-lived per-request Redis Stream (the journal). A gap, a batch the
+  channel layer dropped (``RedisChannelLayer`` drops over capacity with only
+  an INFO line) or a lost tail is read back from the journal; a gap the
+  journal cannot fill ends the stream with an ``error``, never silently;
+- the worker keeps a heartbeat key alive while it runs. RQ notices a dead
+  worker only after about 90 s; the follower notices within a few seconds
+  and ends the stream with ``worker_lost``.
+
+Why ``RedisChannelLayer`` and not the PubSub layer: PubSub loses messages
+published before the subscription is live, and we cannot know when that is;
+the list-backed layer keeps them for ``expiry`` seconds. Its per-channel
+capacity is the drop risk, which batching (tens of ms per message) and the
+journal cover.
+"""
+
+import asyncio
+import json
+import logging
+import math
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from channels.layers import BaseChannelLayer
+from redis.exceptions import RedisError
+from rq import Queue
+from rq.exceptions import NoSuchJobError
+from rq.job import Job, JobStatus
+
+from . import events, redis_client
+from .errors import ResilienceError
+from .events import StreamEvent
+
+logger = logging.getLogger(__name__)
+
+QUEUE_NAME = "streams"
+JOB_FUNCTION = "resilience.queue_consumer_worker.run_stream_job"
+HEARTBEAT_TTL_MS = 3000
+HEARTBEAT_EVERY = 1.0
+JOURNAL_TTL_SECONDS = 600
+CHECK_EVERY = 0.5
+POSITION_EVERY = 1.0
+# A job started but not yet heartbeating is given this long before it is
+# declared lost.
+START_GRACE_SECONDS = 5.0
+
+
+@dataclass(frozen=True)
+class QueueSettings:
+    enabled: bool = True
+    max_depth: int = 200
+    per_user_max: int = 10
+    max_wait_seconds: float = 120
+    job_timeout_seconds: float = 600
+
+
+class QueueFull(ResilienceError):
+    code = "queue_full"
+    status = 503
+
+
+class QueueUnavailable(ResilienceError):
+    code = "queue_unavailable"
+    status = 503
+
+
+def waiting_key() -> str:
+    return redis_client.key("queue", "{q}", "waiting")
+
+
+def caller_key(caller: str) -> str:
+    return redis_client.key("queue", "{q}", "caller", caller)
+
+
+def heartbeat_key(request_id: str) -> str:
+    return redis_client.key("queue", "hb", request_id)
+
+
+def cancel_key(request_id: str) -> str:
+    return redis_client.key("queue", "cancel", request_id)
+
+
+def journal_key(request_id: str) -> str:
+    return redis_client.key("queue", "journal", request_id)
+
+
+def durations_key() -> str:
+    return redis_client.key("queue", "avg_ms")
+
+
+def group_name(request_id: str) -> str:
+    """The channel-layer group of one request (its id is unguessable)."""
+    return f"stream.{request_id}"
+
+
+# Reserve a place in line for one request, atomically against both caps.
+# KEYS[1] waiting zset (request id -> enqueue time, ms from Redis TIME)
+# KEYS[2] the caller's zset, same members
+# ARGV[1] request id, ARGV[2] max depth, ARGV[3] per-caller max,
+# ARGV[4] ms after which a reservation is stale (max wait + grace)
+# Returns {1, position} or {0, "global"|"per_user", depth}.
+RESERVE = """
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+local stale = now - tonumber(ARGV[4])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', stale)
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', stale)
+local depth = redis.call('ZCARD', KEYS[1])
+if depth >= tonumber(ARGV[2]) then return {0, 'global', depth} end
+if redis.call('ZCARD', KEYS[2]) >= tonumber(ARGV[3]) then
+  return {0, 'per_user', depth}
+end
+redis.call('ZADD', KEYS[1], now, ARGV[1])
+redis.call('ZADD', KEYS[2], now, ARGV[1])
+redis.call('PEXPIRE', KEYS[1], ARGV[4])
+redis.call('PEXPIRE', KEYS[2], ARGV[4])
+return {1, redis.call('ZRANK', KEYS[1], ARGV[1]) + 1}
+"""
+
+# Mark a job started: leave the line and start the heartbeat in one step.
+# KEYS[1] waiting zset, KEYS[2] caller zset, KEYS[3] heartbeat key,
+# KEYS[4] cancel flag. ARGV[1] request id, ARGV[2] heartbeat ttl ms.
+# Returns 0 when the request was cancelled before it started, else 1.
+START = """
+redis.call('ZREM', KEYS[1], ARGV[1])
+redis.call('ZREM', KEYS[2], ARGV[1])
+if redis.call('EXISTS', KEYS[4]) == 1 then return 0 end
+redis.call('SET', KEYS[3], 'running', 'PX', ARGV[2])
+return 1
+"""
+
+
+@dataclass(frozen=True)
+class JobPayload:
+    """Everything a worker needs to run a request, as JSON-safe data."""
+
+    request_id: str
+    caller: str
+    messages: list[dict[str, str]]
+    model: str | None
+    max_tokens: int | None
+    provider: str | None
+    max_wait_seconds: float
+    job_timeout_seconds: float
+
+    @property
+    def group(self) -> str:
+        return group_name(self.request_id)
+
+
+@dataclass
+class Ticket:
+    """A request in line: where it is and since when."""
+
+    payload: JobPayload
+    position: int
+    enqueued_at: float
+
+
+def rq_queue() -> Queue:
+    """The ``streams`` queue on the short-timeout client."""
+    return Queue(QUEUE_NAME, connection=redis_client.sync_client())
+
+
+def _enqueue(payload: JobPayload) -> None:
+    rq_queue().enqueue_call(
+        func=JOB_FUNCTION,
+        args=(asdict(payload),),
+        job_id=payload.request_id,
+        # Our own deadline inside the job ends the stream with an event;
+        # RQ's timeout is only the backstop for a stuck work-horse.
+        timeout=int(payload.job_timeout_seconds) + 30,
+        result_ttl=300,
+        failure_ttl=86400,
+        description=f"stream {payload.request_id}",
+    )
+
+
+async def estimate_wait(depth: int) -> float:
+    """Guess how long the line takes to move ``depth`` places."""
+    client = redis_client.async_client()
+    raw = await client.get(durations_key())
+    average = float(raw) / 1000 if raw else 10.0
+    workers = await asyncio.to_thread(_worker_count)
+    return average * math.ceil((depth + 1) / max(1, workers))
+
+
+def _worker_count() -> int:
+    from rq import Worker
+
+    return int(Worker.count(queue=rq_queue()))
+
+
+async def submit(
+    payload: JobPayload, policy: QueueSettings, clock: Callable[[], float]
+) -> Ticket:
+    """Reserve a place and enqueue the job; raise ``QueueFull``/``Unavailable``.
+
+    Join the request's group before calling this.
+    """
+    stale_ms = int((policy.max_wait_seconds + 60) * 1000)
+    keys = [waiting_key(), caller_key(payload.caller)]
+    try:
+        answer = await redis_client.run_script(
+            RESERVE,
+            keys,
+            [payload.request_id, policy.max_depth, policy.per_user_max, stale_ms],
+        )
+        if int(answer[0]) == 0:
+            scope = answer[1].decode() if isinstance(answer[1], bytes) else answer[1]
+            wait = await estimate_wait(int(answer[2]))
+            raise QueueFull(f"the queue is full ({scope})", retry_after=wait)
+        await asyncio.to_thread(_enqueue, payload)
+    except (RedisError, OSError) as exc:
+        logger.warning("queue: unreachable (%s)", exc)
+        await _forget(payload)
+        raise QueueUnavailable("the queue is unreachable") from exc
+    return Ticket(payload, int(answer[1]), clock())
+
+
+async def _forget(payload: JobPayload) -> None:
+    try:
+        client = redis_client.async_client()
+        await client.zrem(waiting_key(), payload.request_id)
+        await client.zrem(caller_key(payload.caller), payload.request_id)
+    except (RedisError, OSError):
+        pass  # the reservation goes stale by itself (max wait + 60 s)
+
+
+async def position(request_id: str) -> int | None:
+    """Return the 1-based place in line, or None once a worker took it."""
+    rank = await redis_client.async_client().zrank(waiting_key(), request_id)
+    return None if rank is None else int(rank) + 1
+
+
+async def withdraw(payload: JobPayload) -> None:
+    """The client left: remove its job if queued, stop it if running."""
+    try:
+        client = redis_client.async_client()
+        await client.set(cancel_key(payload.request_id), "1", ex=3600)
+        await _forget(payload)
+        await asyncio.to_thread(_cancel_job, payload.request_id)
+    except (RedisError, OSError) as exc:
+        logger.warning("queue: could not withdraw %s (%s)", payload.request_id, exc)
+
+
+def _cancel_job(request_id: str) -> None:
+    try:
+        job = Job.fetch(request_id, connection=redis_client.sync_client())
+    except NoSuchJobError:
+        return
+    if job.get_status(refresh=False) in ("queued", "deferred", "scheduled"):
+        job.cancel()
+        job.delete()
+
+
+def _mark_lost(request_id: str, reason: str) -> None:
+    try:
+        job = Job.fetch(request_id, connection=redis_client.sync_client())
+    except NoSuchJobError:
+        return
+    if job.get_status() in ("finished", "failed"):
+        return
+    queue = rq_queue()
+    queue.started_job_registry.remove(job)
+    queue.failed_job_registry.add(job, ttl=86400, exc_string=reason)
+    job.set_status(JobStatus.FAILED)
+
+
+async def read_journal(request_id: str) -> dict[int, list[StreamEvent]]:
+    """Return the batches the worker journaled, by sequence number."""
+    entries = await redis_client.async_client().xrange(journal_key(request_id))
+    batches = {}
+    for _, fields in entries:
+        seq = int(fields[b"seq"])
+        batches[seq] = decode_batch(json.loads(fields[b"events"]))
+    return batches
+
+
+def decode_batch(raw: list[list[Any]]) -> list[StreamEvent]:
+    return [StreamEvent(name, data) for name, data in raw]
+
+
+def encode_batch(batch: list[StreamEvent]) -> list[list[Any]]:
+    return [[event.name, event.data] for event in batch]
+
+
+class Follower:
+    """Turn a queued request's group messages into events, in order."""
+
+    def __init__(
+        self,
+        ticket: Ticket,
+        layer: BaseChannelLayer,
+        channel: str,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.ticket = ticket
+        self.payload = ticket.payload
+        self.layer = layer
+        self.channel = channel
+        self.clock = clock
+        self.expected = 1
+        self.started_at: float | None = None
+        self.finished = False
+        self._inbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+
+    async def events(self) -> AsyncIterator[StreamEvent]:
+        """Yield ``queued`` updates, then the worker's events, then stop."""
+        receiver = asyncio.ensure_future(self._receive())
+        try:
+            yield events.queued(self.payload.request_id, self.ticket.position)
+            async for event in self._follow():
+                yield event
+                if event.terminal:
+                    self.finished = True
+                    return
+        finally:
+            receiver.cancel()
+            await asyncio.gather(receiver, return_exceptions=True)
+
+    async def _receive(self) -> None:
+        while True:
+            message = await self.layer.receive(self.channel)
+            await self._inbox.put(message)
+
+    async def _follow(self) -> AsyncIterator[StreamEvent]:
+        last_position = self.ticket.position
+        next_position_check = self.clock() + POSITION_EVERY
+        while True:
+            try:
+                async with asyncio.timeout(CHECK_EVERY):
+                    message = await self._inbox.get()
+            except TimeoutError:
+                message = None
+            if message is not None:
+                for event in await self._accept(message):
+                    yield event
+                    if event.terminal:
+                        return
+                continue
+            for event in await self._catch_up():
+                yield event
+                if event.terminal:
+                    return
+            if self.started_at is None and self.clock() >= next_position_check:
+                next_position_check = self.clock() + POSITION_EVERY
+                place = await position(self.payload.request_id)
+                if place is None:
+                    self.started_at = self.clock()
+                elif place != last_position:
+                    last_position = place
+                    yield events.queued(self.payload.request_id, place)
+                elif self._waited_too_long():
+                    await withdraw(self.payload)
+                    yield events.error(
+                        "queue_timeout",
+                        f"waited more than {self.payload.max_wait_seconds:g} s",
+                    )
+                    return
+            if self.started_at is not None and await self._worker_lost():
+                for event in await self._catch_up():
+                    yield event
+                    if event.terminal:
+                        return
+                await asyncio.to_thread(
+                    _mark_lost, self.payload.request_id, "worker_lost: no heartbeat"
+                )
+                yield events.error("worker_lost", "the worker streaming it stopped")
+                return
+
+    def _waited_too_long(self) -> bool:
+        return self.clock() - self.ticket.enqueued_at > self.payload.max_wait_seconds
+
+    async def _worker_lost(self) -> bool:
+        alive = await redis_client.async_client().exists(
+            heartbeat_key(self.payload.request_id)
+        )
+        if alive:
+            return False
+        assert self.started_at is not None
+        return self.expected > 1 or self.clock() - self.started_at > START_GRACE_SECONDS
+
+    async def _accept(self, message: dict[str, Any]) -> list[StreamEvent]:
+        seq = int(message["seq"])
+        if seq < self.expected:
+            return []
+        self.started_at = self.started_at or self.clock()
+        if seq > self.expected:
+            filled = await self._fill(seq)
+            if filled and filled[-1].terminal:
+                return filled
+            return filled + self._take(seq, message["events"])
+        return self._take(seq, message["events"])
+
+    def _take(self, seq: int, raw: list[list[Any]]) -> list[StreamEvent]:
+        self.expected = seq + 1
+        return decode_batch(raw)
+
+    async def _fill(self, upto: int) -> list[StreamEvent]:
+        journal = await read_journal(self.payload.request_id)
+        filled: list[StreamEvent] = []
+        for seq in range(self.expected, upto):
+            if seq not in journal:
+                logger.warning(
+                    "queue %s: batch %d lost and not journaled",
+                    self.payload.request_id,
+                    seq,
+                )
+                return [*filled, events.error(
+                    "internal_error", "part of the answer was lost in transit"
+                )]  # fmt: skip
+            filled += journal[seq]
+        self.expected = upto
+        return filled
+
+    async def _catch_up(self) -> list[StreamEvent]:
+        """Deliver journaled batches the channel layer never brought."""
+        if self.started_at is None:
+            return []
+        journal = await read_journal(self.payload.request_id)
+        caught: list[StreamEvent] = []
+        while self.expected in journal:
+            caught += journal[self.expected]
+            self.expected += 1
+        return caught
