@@ -276,7 +276,7 @@ def _mark_lost(request_id: str, reason: str) -> None:
     if job.get_status() in ("finished", "failed"):
         return
     queue = rq_queue()
-    queue.started_job_registry.remove(job)
+    queue.started_job_registry.remove_executions(job)
     queue.failed_job_registry.add(job, ttl=86400, exc_string=reason)
     job.set_status(JobStatus.FAILED)
 
