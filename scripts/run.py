@@ -49,12 +49,11 @@ def main() -> int:
 
     embedded = None
     if not env.get("REDIS_URL"):
-        embedded = EmbeddedRedis(
-            ROOT / "var" / "redis", port=int(env.get("REDIS_PORT", "6390"))
-        )
+        var = Path(env.get("STREAMSVC_VAR_DIR") or ROOT / "var")
+        embedded = EmbeddedRedis(var / "redis", port=int(env.get("REDIS_PORT", "6390")))
         embedded.start()
         env["REDIS_URL"] = embedded.url
-        print(f"redis: embedded server at {embedded.url} (data in var/redis)")
+        print(f"redis: embedded server at {embedded.url} (data in {var / 'redis'})")
     else:
         print(f"redis: {env['REDIS_URL']}")
 

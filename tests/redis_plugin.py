@@ -25,6 +25,7 @@ def pytest_load_initial_conftests(early_config: pytest.Config) -> None:
     os.environ["REDIS_URL"] = server.url
     os.environ["STREAMSVC_TEST_DB"] = str(workdir / "test.sqlite3")
     os.environ["STREAMSVC_VAR_DIR"] = str(workdir / "var")
+    (workdir / "var" / "static").mkdir(parents=True)
     os.environ.setdefault("POLICY_REFRESH_SECONDS", "0.05")
 
 

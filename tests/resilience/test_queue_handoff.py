@@ -306,7 +306,7 @@ async def test_c04_two_hundred_jobs_on_one_worker_keep_redis_connections_flat(
             assert got[-1][0] == "done", got[-1]
             assert [n for n, _ in got].count("token") == 3
             key = f"rq:job:{job.request_id}"
-            assert wait_until(lambda: redis.hget(key, "status") == b"finished")
+            assert wait_until(lambda k=key: redis.hget(k, "status") == b"finished")
             samples.append(redis.info("clients")["connected_clients"])
     finally:
         process.terminate()
