@@ -8,7 +8,7 @@ both paths behave alike.
 import asyncio
 import logging
 import math
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import aclosing
 
 from llm.base import ChatProvider, ChatRequest, Finish, TextDelta
@@ -25,7 +25,7 @@ async def stream_events(
     provider: ChatProvider,
     request_id: str,
     item_timeout: float = 60.0,
-) -> AsyncIterator[StreamEvent]:
+) -> AsyncGenerator[StreamEvent, None]:
     """Yield ``start``, ``token``s and exactly one ``done`` or ``error``.
 
     ``start`` is sent with the first thing the provider answers, so it

@@ -10,8 +10,8 @@ provider call the moment the client leaves.
 import asyncio
 import io
 import logging
-import time
 import uuid
+from collections.abc import AsyncGenerator
 from typing import Any
 
 from channels.exceptions import StopConsumer
@@ -25,6 +25,7 @@ from llm.base import ChatRequest
 from resilience import conf
 from resilience.events import StreamEvent
 from resilience.events import error as error_event
+from resilience.metrics import OUTCOMES, REQUESTS, StreamRecorder
 from resilience.pipeline import stream_events
 from resilience.policies import ProviderEntry, policy_cache
 from resilience.streams import with_heartbeats
@@ -35,6 +36,11 @@ from .sse import HEADERS, EventWriter
 from .validation import check_content_type, parse_chat_request
 
 logger = logging.getLogger(__name__)
+
+
+def outcome_of(code: str) -> str:
+    """The metrics outcome label of a refusal."""
+    return code if code in OUTCOMES else "error"
 
 
 def max_body_bytes() -> int:
@@ -101,6 +107,7 @@ class ChatStreamConsumer(AsyncHttpConsumer):
             request, entry = await self._admit(body)
         except ApiError as exc:
             logger.info("stream %s: refused %s", request_id, exc.code)
+            REQUESTS.labels(outcome_of(exc.code)).inc()
             await self._send_error(exc)
             return
         except Exception:
@@ -111,6 +118,7 @@ class ChatStreamConsumer(AsyncHttpConsumer):
             return
 
         logger.info("stream %s: admitted, provider %s", request_id, entry.config.name)
+        REQUESTS.labels("admitted").inc()
         await self.send_headers(status=200, headers=HEADERS)
         writer = EventWriter()
         await self.send_body(writer.comment("stream open"), more_body=True)
@@ -146,35 +154,34 @@ class ChatStreamConsumer(AsyncHttpConsumer):
             for key, value in self.scope.get("headers", [])
         }
 
-    async def _relay(self, source: Any, writer: EventWriter, request_id: str) -> None:
-        started = time.monotonic()
+    async def _relay(
+        self,
+        source: AsyncGenerator[StreamEvent, None],
+        writer: EventWriter,
+        request_id: str,
+    ) -> None:
+        """Send events as SSE with heartbeats; end with exactly one terminal."""
+        recorder = StreamRecorder()
         interval = conf.number("HEARTBEAT_SECONDS")
-        last: StreamEvent | None = None
-        tokens = 0
         try:
             async for event in with_heartbeats(source, interval):
                 if event is None:
                     await self.send_body(writer.comment("ping"), more_body=True)
                     continue
-                tokens += event.name == "token"
-                last = event
+                recorder.saw(event)
                 await self.send_body(writer.event(event), more_body=True)
                 if event.terminal:
                     break
             else:
                 last = error_event("internal_error", "the stream ended unexpectedly")
+                recorder.saw(last)
                 await self.send_body(writer.event(last), more_body=True)
         finally:
-            outcome = last.name if last else "cancelled"
-            code = last.data.get("code", "") if last else ""
+            seconds = recorder.finish()
             logger.info(
-                "stream %s: %s %s after %d tokens in %.2f s",
-                request_id,
-                outcome,
-                code,
-                tokens,
-                time.monotonic() - started,
-            )
+                "stream %s: %s after %d tokens in %.2f s",
+                request_id, recorder.outcome(), recorder.tokens, seconds,
+            )  # fmt: skip
         await self.send_body(b"", more_body=False)
 
     def _check_csrf(self, body: bytes) -> None:

@@ -189,6 +189,16 @@ CACHES = {
     },
 }
 
+# /metrics: a bearer token, or a client address in these networks.
+METRICS_TOKEN = os.environ.get("METRICS_TOKEN", "")
+try:
+    METRICS_ALLOWED_NETWORKS = tuple(
+        ipaddress.ip_network(cidr, strict=False)
+        for cidr in env_list("METRICS_ALLOWED_NETWORKS", "127.0.0.1/32,::1/128")
+    )
+except ValueError as exc:
+    raise ImproperlyConfigured(f"METRICS_ALLOWED_NETWORKS: {exc}") from None
+
 # The admin login stays usable while Redis is down (streamsvc.cache).
 RATELIMIT_FAIL_OPEN = True
 RATELIMIT_USE_CACHE = "default"

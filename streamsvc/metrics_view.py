@@ -1,0 +1,91 @@
+"""``GET /metrics``: Prometheus text format, for Prometheus and nobody else.
+
+Prometheus has no Django session, so access is a bearer token
+(``METRICS_TOKEN``) or the client's address being in
+``METRICS_ALLOWED_NETWORKS`` (loopback by default).
+"""
+
+import hmac
+import ipaddress
+import logging
+import os
+from collections.abc import Iterator
+from typing import Any
+
+from django.conf import settings
+from django.http import HttpRequest, HttpResponse, JsonResponse
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    CollectorRegistry,
+    generate_latest,
+)
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.registry import Collector
+from redis.exceptions import RedisError
+
+from resilience import metrics as _registered  # noqa: F401  (defines the metrics)
+from resilience import redis_client
+from resilience.queue_request_handler import QUEUE_NAME, waiting_key
+
+from .identity import client_ip
+
+logger = logging.getLogger(__name__)
+
+
+class ClusterCollector(Collector):
+    """Levels shared by the whole fleet, read from Redis at scrape time."""
+
+    def collect(self) -> Iterator[Metric]:
+        client: Any = redis_client.sync_client()
+        try:
+            waiting = int(client.zcard(waiting_key()))
+            queued_jobs = int(client.llen(f"rq:queue:{QUEUE_NAME}"))
+        except (RedisError, OSError) as exc:
+            logger.warning("metrics: Redis unreachable (%s)", exc)
+            yield GaugeMetricFamily("streamsvc_redis_up", "Redis answered.", value=0)
+            return
+        yield GaugeMetricFamily("streamsvc_redis_up", "Redis answered.", value=1)
+        yield GaugeMetricFamily(
+            "streamsvc_queue_depth", "Requests waiting in the queue.", value=waiting
+        )
+        yield GaugeMetricFamily(
+            "streamsvc_queue_jobs", "RQ jobs in the streams queue.", value=queued_jobs
+        )
+
+
+def _allowed(request: HttpRequest) -> bool:
+    token = settings.METRICS_TOKEN
+    header = request.META.get("HTTP_AUTHORIZATION", "")
+    if token and hmac.compare_digest(header, f"Bearer {token}"):
+        return True
+    address = client_ip(
+        request.META.get("REMOTE_ADDR", ""),
+        request.META.get("HTTP_X_FORWARDED_FOR", ""),
+        settings.TRUSTED_PROXIES,
+    )
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return any(ip in network for network in settings.METRICS_ALLOWED_NETWORKS)
+
+
+def metrics(request: HttpRequest) -> HttpResponse:
+    """Serve every metric, summed over processes when multiprocess is on."""
+    if not _allowed(request):
+        return JsonResponse(
+            {"error": {"code": "forbidden", "message": "metrics need the token or "
+                       "an allowed network", "retry_after": None}},
+            status=403,
+        )  # fmt: skip
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry)
+    else:
+        registry = REGISTRY
+    cluster = CollectorRegistry()
+    cluster.register(ClusterCollector())
+    body = generate_latest(registry) + generate_latest(cluster)
+    return HttpResponse(body, content_type=CONTENT_TYPE_LATEST)
