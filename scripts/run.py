@@ -7,6 +7,7 @@ exits 0. A child that dies on its own stops the rest and exits 1.
 """
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -46,10 +47,16 @@ def main() -> int:
     port = int(os.environ.get("PORT", "8000"))
     workers = int(os.environ.get("WORKERS", "1"))
     env = dict(os.environ)
+    var = Path(env.get("STREAMSVC_VAR_DIR") or ROOT / "var")
+    if not env.get("PROMETHEUS_MULTIPROC_DIR"):
+        # Every process writes its metrics here; /metrics sums them.
+        metrics_dir = var / "prometheus"
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+        metrics_dir.mkdir(parents=True)
+        env["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
 
     embedded = None
     if not env.get("REDIS_URL"):
-        var = Path(env.get("STREAMSVC_VAR_DIR") or ROOT / "var")
         embedded = EmbeddedRedis(var / "redis", port=int(env.get("REDIS_PORT", "6390")))
         embedded.start()
         env["REDIS_URL"] = embedded.url
