@@ -14,6 +14,7 @@ from collections.abc import Callable
 from prometheus_client import Counter, Histogram
 
 from .events import ERROR, TOKEN, StreamEvent
+from .stats import stats
 
 REQUESTS = Counter(
     "streamsvc_requests",
@@ -59,6 +60,13 @@ for _outcome in OUTCOMES:
     REQUESTS.labels(_outcome)
 
 
+def record_request(outcome: str) -> None:
+    """Count an admission outcome in Prometheus and in the fleet history."""
+    label = outcome if outcome in OUTCOMES else "error"
+    REQUESTS.labels(label).inc()
+    stats.count(label)
+
+
 class StreamRecorder:
     """Record one stream's metrics as its events go by."""
 
@@ -72,6 +80,7 @@ class StreamRecorder:
         if event.name == TOKEN:
             if not self.tokens:
                 TTFT.observe(self._clock() - self.started)
+                stats.ttft(self._clock() - self.started)
             self.tokens += 1
             TOKENS.inc()
         self.last = event

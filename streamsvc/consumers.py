@@ -25,7 +25,7 @@ from llm.base import ChatRequest
 from resilience import conf
 from resilience.events import StreamEvent
 from resilience.events import error as error_event
-from resilience.metrics import OUTCOMES, REQUESTS, StreamRecorder
+from resilience.metrics import StreamRecorder, record_request
 from resilience.pipeline import stream_events
 from resilience.policies import ProviderEntry, policy_cache
 from resilience.streams import with_heartbeats
@@ -36,11 +36,6 @@ from .sse import HEADERS, EventWriter
 from .validation import check_content_type, parse_chat_request
 
 logger = logging.getLogger(__name__)
-
-
-def outcome_of(code: str) -> str:
-    """The metrics outcome label of a refusal."""
-    return code if code in OUTCOMES else "error"
 
 
 def max_body_bytes() -> int:
@@ -107,7 +102,7 @@ class ChatStreamConsumer(AsyncHttpConsumer):
             request, entry = await self._admit(body)
         except ApiError as exc:
             logger.info("stream %s: refused %s", request_id, exc.code)
-            REQUESTS.labels(outcome_of(exc.code)).inc()
+            record_request(exc.code)
             await self._send_error(exc)
             return
         except Exception:
@@ -118,7 +113,7 @@ class ChatStreamConsumer(AsyncHttpConsumer):
             return
 
         logger.info("stream %s: admitted, provider %s", request_id, entry.config.name)
-        REQUESTS.labels("admitted").inc()
+        record_request("admitted")
         await self.send_headers(status=200, headers=HEADERS)
         writer = EventWriter()
         await self.send_body(writer.comment("stream open"), more_body=True)

@@ -1,0 +1,36 @@
+"""What the status page shows, gathered from Redis as plain data."""
+
+import time
+from typing import Any
+
+from rq import Worker
+
+from . import redis_client, stats
+from .queue_request_handler import rq_queue, waiting_key
+
+
+def queue_status() -> dict[str, Any]:
+    client: Any = redis_client.sync_client()
+    depth = int(client.zcard(waiting_key()))
+    oldest = client.zrange(waiting_key(), 0, 0, withscores=True)
+    seconds, micros = client.time()
+    now_ms = seconds * 1000 + micros // 1000
+    wait = (now_ms - oldest[0][1]) / 1000 if oldest else 0.0
+    workers = Worker.all(queue=rq_queue())
+    return {
+        "depth": depth,
+        "oldest_wait_seconds": round(max(0.0, wait), 1),
+        "workers": len(workers),
+        "busy_workers": sum(1 for w in workers if w.get_state() == "busy"),
+    }
+
+
+def snapshot() -> dict[str, Any]:
+    """Return one status snapshot (blocking: call from a thread)."""
+    now = time.time()
+    return {
+        "now": now,
+        "queue": queue_status(),
+        "transitions": stats.recent_transitions(),
+        "history": stats.history(now),
+    }

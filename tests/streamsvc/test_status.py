@@ -1,0 +1,82 @@
+"""The live status page is for staff only, and its feed reports the queue."""
+
+import json
+from typing import Any
+
+import httpx
+import pytest
+from django.contrib.auth import get_user_model
+from django.test import Client
+
+from resilience import status
+from resilience.stats import StatsBuffer, history
+from tests.conftest import LiveServer
+
+
+@pytest.mark.django_db
+def test_status_page_redirects_anonymous_and_refuses_non_staff(redis: Any) -> None:
+    anonymous = Client().get("/status/")
+    assert anonymous.status_code == 302
+    assert "/admin/login/" in anonymous["Location"]
+    user = get_user_model().objects.create_user("joe", password="pw-joe-123")
+    client = Client()
+    client.force_login(user)
+    assert client.get("/status/").status_code == 302
+
+
+@pytest.mark.django_db
+def test_staff_see_the_status_page_and_the_admin_links_to_it(redis: Any) -> None:
+    staff = get_user_model().objects.create_superuser("ops", password="pw-ops-123")
+    client = Client()
+    client.force_login(staff)
+    page = client.get("/status/")
+    assert page.status_code == 200
+    assert b"/status/events" in client.get("/static/streamsvc/status.js").getvalue()
+    index = client.get("/admin/").content
+    assert b'href="/status/"' in index
+    assert b'href="/admin/django_rq/dashboard/"' in index
+
+
+@pytest.mark.timeout(60)
+def test_the_feed_is_staff_only_and_streams_snapshots(
+    daphne: LiveServer, transactional_db: Any, redis: Any
+) -> None:
+    assert httpx.get(daphne.url + "/status/events").status_code == 403
+    staff = get_user_model().objects.create_superuser("ops", password="pw-ops-123")
+    client = Client()
+    client.force_login(staff)
+    cookie = client.cookies["sessionid"].value
+    with httpx.stream(
+        "GET", daphne.url + "/status/events", cookies={"sessionid": cookie}, timeout=10
+    ) as response:
+        assert response.status_code == 200
+        for line in response.iter_lines():
+            if line.startswith("data: "):
+                data = json.loads(line[6:])
+                break
+    assert set(data["queue"]) == {
+        "depth",
+        "oldest_wait_seconds",
+        "workers",
+        "busy_workers",
+    }
+    assert "series" in data["history"]
+
+
+async def test_counts_reach_the_shared_history(redis: Any) -> None:
+    clock = [1_000_000.0]
+    buffer = StatsBuffer(clock=lambda: clock[0])
+    buffer.count("admitted", 3)
+    buffer.ttft(0.25)
+    await buffer.flush()
+    clock[0] += 1
+    data = history(clock[0], seconds=5)
+    assert data["series"][-1]["admitted"] == 3
+    assert data["ttft"]["p50"] == 0.25
+
+
+def test_snapshot_reports_queue_depth(redis: Any) -> None:
+    from resilience.queue_request_handler import waiting_key
+
+    redis.zadd(waiting_key(), {"a": 1, "b": 2})
+    assert status.queue_status()["depth"] == 2
