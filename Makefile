@@ -23,6 +23,7 @@ typecheck: bootstrap
 	$(PY) -m mypy
 
 pytest: bootstrap
+	@scripts/bootstrap.sh --browser
 	$(PY) -m pytest
 
 test: lint typecheck pytest

@@ -19,3 +19,9 @@ if [ ! -f "$stamp" ] || [ requirements.txt -nt "$stamp" ] || [ requirements-dev.
   .venv/bin/python -m pip install -q --disable-pip-version-check -r requirements-dev.txt
   touch "$stamp"
 fi
+
+# The browser tests drive Debian's chromium through chromedriver.
+if [ "${1:-}" = "--browser" ] && ! { command -v chromium && command -v chromedriver; } >/dev/null 2>&1; then
+  echo "bootstrap: installing chromium and chromium-driver"
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null
+fi

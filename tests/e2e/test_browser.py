@@ -1,0 +1,123 @@
+"""The demo chat page in a real browser (Debian's chromium + chromedriver)."""
+
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from selenium import webdriver
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.by import By
+from selenium.webdriver.remote.webdriver import WebDriver
+from selenium.webdriver.support.ui import WebDriverWait
+
+from tests.conftest import LiveServer
+
+pytestmark = pytest.mark.timeout(120)
+
+Configure = Callable[..., None]
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[WebDriver]:
+    chromium = shutil.which("chromium")
+    driver_path = shutil.which("chromedriver")
+    assert chromium and driver_path, "make test installs chromium and chromium-driver"
+    profile = tempfile.mkdtemp(prefix="chromium-")
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for flag in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={profile}",
+    ):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(driver_path), options=options)
+    yield driver
+    driver.quit()
+    shutil.rmtree(profile, ignore_errors=True)
+
+
+def state(driver: WebDriver) -> str:
+    return driver.find_element(By.ID, "state").text
+
+
+def wait_for(driver: WebDriver, check: Callable[[WebDriver], Any], timeout: float = 20):
+    return WebDriverWait(driver, timeout, poll_frequency=0.05).until(check)
+
+
+def send(driver: WebDriver, text: str) -> None:
+    box = driver.find_element(By.ID, "prompt")
+    box.clear()
+    box.send_keys(text)
+    driver.find_element(By.ID, "send").click()
+
+
+def test_a_message_streams_and_finishes(
+    daphne: LiveServer, providers: Configure, browser: WebDriver
+) -> None:
+    providers(
+        {
+            "name": "simulated",
+            "options": {"ttft_ms": 100, "length": 8, "tokens_per_second": 20},
+        }
+    )
+    browser.get(daphne.url + "/")
+    send(browser, "hello browser")
+    wait_for(browser, lambda d: state(d).startswith("streaming"))
+    wait_for(browser, lambda d: state(d).startswith("done"))
+    answers = browser.find_elements(By.CSS_SELECTOR, "#history li.assistant .text")
+    assert len(answers[-1].text.split()) == 8
+    assert browser.find_elements(By.CSS_SELECTOR, "#history li.user")[-1].text.endswith(
+        "hello browser"
+    )
+
+
+def test_stop_aborts_the_stream(
+    daphne: LiveServer, providers: Configure, browser: WebDriver
+) -> None:
+    providers(
+        {
+            "name": "simulated",
+            "options": {"ttft_ms": 0, "length": 300, "tokens_per_second": 10},
+        }
+    )
+    browser.get(daphne.url + "/")
+    send(browser, "long answer")
+    wait_for(browser, lambda d: state(d).startswith("streaming"))
+    browser.find_element(By.ID, "stop").click()
+    wait_for(browser, lambda d: state(d) == "stopped")
+    words = len(
+        browser.find_elements(By.CSS_SELECTOR, "#history li.assistant .text")[
+            -1
+        ].text.split()
+    )
+    assert 0 < words < 300
+
+
+def test_a_cut_off_answer_is_marked(
+    daphne: LiveServer, providers: Configure, browser: WebDriver
+) -> None:
+    providers({"name": "simulated", "options": {"ttft_ms": 0, "length": 50}})
+    browser.get(daphne.url + "/")
+    browser.find_element(By.ID, "max-tokens").send_keys("3")
+    send(browser, "cut me")
+    wait_for(browser, lambda d: state(d).startswith("cut off"))
+    assert browser.find_elements(By.CSS_SELECTOR, "#history li.cut-off")
+
+
+def test_an_error_event_is_shown(
+    daphne: LiveServer, providers: Configure, browser: WebDriver
+) -> None:
+    providers({"name": "simulated", "options": {"fault": "bad_request"}})
+    browser.get(daphne.url + "/")
+    send(browser, "refuse me")
+    wait_for(browser, lambda d: state(d) == "error: provider_rejected")
