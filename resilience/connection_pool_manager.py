@@ -24,8 +24,16 @@ and ``LeaseLost`` (``lease_lost``), both ``ResilienceError``.
 While Redis is unreachable (errors or timeouts) the pool falls back to
 in-process limits with the same policy: the global cap then holds per
 instance, not across the cluster. Redis is retried at most every
-``REDIS_RETRY_SECONDS``, so a dead Redis costs one timeout per second, not
-one per request. Leases taken locally are renewed and released locally.
+``REDIS_RETRY_SECONDS``, so a hung Redis costs one request per second the
+socket timeout, not every request. Leases taken locally are renewed and
+released locally; the per-instance count includes this process's Redis
+leases, so streams that started before the outage still count.
+
+Note: after Redis comes back, leases taken locally during the outage are
+not in Redis, so the cluster may run above the global cap until they end.
+A Redis lease released while Redis is unreachable stays counted there
+until its TTL passes. Both are bounded, and preferred to refusing every
+stream or cutting running ones on a Redis blip.
 
 Redis Cluster: each Lua step touches the global key and one caller key, so
 all pool keys carry the ``{pool}`` hash tag and live in one slot (one shard

@@ -268,3 +268,28 @@ async def test_c21_paused_redis_answers_from_the_fallback_without_hanging(
     while redis.zcard(global_key()) and time.monotonic() < deadline:
         await asyncio.sleep(0.05)
     assert redis.zcard(global_key()) == 0
+
+
+@pytest.mark.timeout(30)
+async def test_an_acquire_cancelled_in_flight_gives_its_granted_slot_back(
+    redis: redis_lib.Redis,
+) -> None:
+    pool = AsyncConnectionPool()
+    policy = PoolPolicy(global_max=5, per_user_max=5, lease_ttl_seconds=30)
+    await pool.occupancy()
+
+    # The script is queued behind the pause and granted after the cancel.
+    redis.execute_command("CLIENT", "PAUSE", 300)
+    attempt = asyncio.create_task(pool.acquire("a", policy))
+    await asyncio.sleep(0.05)
+    attempt.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await attempt
+
+    deadline = time.monotonic() + 1.5
+    while time.monotonic() < deadline:
+        if pool.counters.releases and redis.zcard(global_key()) == 0:
+            break
+        await asyncio.sleep(0.02)
+    assert pool.counters.releases == 1
+    assert redis.zcard(global_key()) == 0
