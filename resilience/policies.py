@@ -8,6 +8,7 @@ when it moved, so a change reaches every instance within a second. While
 Redis is unreachable the cache reloads from the database on a slower timer.
 """
 
+import asyncio
 import json
 import logging
 import time
@@ -22,10 +23,13 @@ from llm.base import ChatProvider
 from llm.registry import ProviderConfig, build_provider
 
 from . import conf, redis_client
+from .connection_pool_manager import PoolPolicy
+from .queue_request_handler import QueueSettings
 
 logger = logging.getLogger(__name__)
 
 VERSION_KEY = "policies:version"
+DEFAULT_POOL = PoolPolicy(global_max=50, per_user_max=4, lease_ttl_seconds=30)
 # Without Redis to tell us about changes, reload this often.
 OFFLINE_RELOAD_SECONDS = 5.0
 
@@ -37,11 +41,22 @@ class ProviderEntry:
 
 
 @dataclass(frozen=True)
+class PolicyRows:
+    """The policy tables as plain data, read in one go."""
+
+    providers: list[ProviderConfig]
+    pool: PoolPolicy = field(default_factory=lambda: DEFAULT_POOL)
+    queue: QueueSettings = field(default_factory=QueueSettings)
+
+
+@dataclass(frozen=True)
 class Snapshot:
     """Everything the stream path needs to decide, loaded at one moment."""
 
     version: str | None
     providers: tuple[ProviderEntry, ...] = field(default=())
+    pool: PoolPolicy = field(default_factory=lambda: DEFAULT_POOL)
+    queue: QueueSettings = field(default_factory=QueueSettings)
 
     def enabled_providers(self) -> list[ProviderEntry]:
         return [entry for entry in self.providers if entry.config.enabled]
@@ -53,46 +68,92 @@ class Snapshot:
         return None
 
 
-def load_provider_configs() -> list[ProviderConfig]:
-    """Read every provider row (blocking; call from a thread)."""
+def load_rows() -> PolicyRows:
+    """Read every policy table (blocking; call from a thread)."""
     from llm.models import Provider
 
-    return [
-        ProviderConfig(p.name, p.kind, p.order, p.enabled, dict(p.options))
-        for p in Provider.objects.order_by("order", "name")
-    ]
+    from .models import PoolPolicy as PoolRow
+    from .models import QueuePolicy as QueueRow
+
+    # Read, never create: the stream path must not write. Missing rows (a
+    # fresh test database) mean the model defaults.
+    pool = PoolRow.objects.filter(pk=1).first() or PoolRow()
+    queue = QueueRow.objects.filter(pk=1).first() or QueueRow()
+    return PolicyRows(
+        providers=[
+            ProviderConfig(p.name, p.kind, p.order, p.enabled, dict(p.options))
+            for p in Provider.objects.order_by("order", "name")
+        ],
+        pool=PoolPolicy(pool.global_max, pool.per_user_max, pool.lease_ttl_seconds),
+        queue=QueueSettings(
+            queue.enabled,
+            queue.max_depth,
+            queue.per_user_max,
+            queue.max_wait_seconds,
+            queue.job_timeout_seconds,
+        ),
+    )
 
 
 class PolicyCache:
     """Hold the current ``Snapshot`` and refresh it when the version moves."""
 
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, clock: Callable[[], float] = time.monotonic, poll: bool = True
+    ) -> None:
         self._clock = clock
+        self._poll = poll
         self._snapshot: Snapshot | None = None
-        self._checked_at = float("-inf")
         self._loaded_at = float("-inf")
         self._adapters: dict[str, ProviderEntry] = {}
         self._redis_ok = True
         self.loads = 0
         self.version_reads = 0
+        self._poller: asyncio.Task[None] | None = None
 
     async def aget(self) -> Snapshot:
-        """Return a snapshot no older than the refresh interval allows."""
-        now = self._clock()
-        interval = conf.number("POLICY_REFRESH_SECONDS")
-        if self._snapshot is not None and now - self._checked_at < interval:
-            return self._snapshot
-        self._checked_at = now
-        version = await self._aversion()
-        if self._needs_reload(version, now):
-            configs = await sync_to_async(
-                load_provider_configs, thread_sensitive=False
-            )()
-            self._snapshot = self._build(version, configs)
-            self._loaded_at = now
-            self.loads += 1
+        """Return the current snapshot; only the very first call waits.
+
+        A poller task on the running event loop reads the version key every
+        ``POLICY_REFRESH_SECONDS`` and reloads when it moved, so a change is
+        live within a second whether or not requests arrive, and neither a
+        slow database nor a slow Redis holds up a request.
+        """
+        if self._snapshot is None:
+            await self._refresh(self._clock())
+        if self._poll:
+            self._ensure_poller()
         assert self._snapshot is not None
         return self._snapshot
+
+    async def arefresh(self) -> Snapshot:
+        """Check the version and reload now if it moved (commands, tests)."""
+        await self._refresh(self._clock())
+        assert self._snapshot is not None
+        return self._snapshot
+
+    def _ensure_poller(self) -> None:
+        loop = asyncio.get_running_loop()
+        task = self._poller
+        if task is not None and not task.done() and task.get_loop() is loop:
+            return
+        self._poller = loop.create_task(self._poll_forever())
+
+    async def _poll_forever(self) -> None:
+        while True:
+            await asyncio.sleep(conf.number("POLICY_REFRESH_SECONDS"))
+            try:
+                await self._refresh(self._clock())
+            except Exception as exc:
+                logger.warning("policies: reload failed, keeping the last (%s)", exc)
+
+    async def _refresh(self, now: float) -> None:
+        version = await self._aversion()
+        if self._needs_reload(version, now):
+            rows = await sync_to_async(load_rows, thread_sensitive=False)()
+            self._snapshot = self._build(version, rows)
+            self._loaded_at = now
+            self.loads += 1
 
     def current(self) -> Snapshot | None:
         """Return the snapshot held now, without refreshing it."""
@@ -123,11 +184,11 @@ class PolicyCache:
         self._redis_ok = True
         return raw.decode() if raw is not None else "unset"
 
-    def _build(self, version: str | None, configs: list[ProviderConfig]) -> Snapshot:
+    def _build(self, version: str | None, rows: PolicyRows) -> Snapshot:
         # Reuse an adapter whose configuration did not change, so its HTTP
         # connection pools survive a reload triggered by another row.
         entries: dict[str, ProviderEntry] = {}
-        for config in configs:
+        for config in rows.providers:
             fingerprint = json.dumps(
                 [config.name, config.kind, config.options], sort_keys=True
             )
@@ -135,7 +196,7 @@ class PolicyCache:
             adapter = old.adapter if old else build_provider(config)
             entries[fingerprint] = ProviderEntry(config, adapter)
         self._adapters = entries
-        return Snapshot(version, tuple(entries.values()))
+        return Snapshot(version, tuple(entries.values()), rows.pool, rows.queue)
 
 
 def bump_version() -> None:

@@ -31,7 +31,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -319,7 +319,7 @@ class Follower:
         self.finished = False
         self._inbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
 
-    async def events(self) -> AsyncIterator[StreamEvent]:
+    async def events(self) -> AsyncGenerator[StreamEvent, None]:
         """Yield ``queued`` updates, then the worker's events, then stop."""
         receiver = asyncio.ensure_future(self._receive())
         try:

@@ -8,26 +8,44 @@ provider call the moment the client leaves.
 """
 
 import asyncio
+import contextlib
 import io
 import logging
+import time
 import uuid
 from collections.abc import AsyncGenerator
 from typing import Any
 
 from channels.exceptions import StopConsumer
 from channels.generic.http import AsyncHttpConsumer
+from channels.layers import get_channel_layer
 from django.conf import settings
 from django.core.handlers.asgi import ASGIRequest
 from django.http import HttpRequest, HttpResponse
 from django.middleware.csrf import CsrfViewMiddleware
+from redis.exceptions import RedisError
 
 from llm.base import ChatRequest
 from resilience import conf
+from resilience.connection_pool_manager import (
+    AsyncConnectionPool,
+    Lease,
+    LeaseLost,
+    PoolFull,
+)
 from resilience.events import StreamEvent
 from resilience.events import error as error_event
 from resilience.metrics import StreamRecorder, record_request
 from resilience.pipeline import stream_events
-from resilience.policies import ProviderEntry, policy_cache
+from resilience.policies import ProviderEntry, Snapshot, policy_cache
+from resilience.queue_request_handler import (
+    Follower,
+    JobPayload,
+    QueueFull,
+    QueueUnavailable,
+    submit,
+    withdraw,
+)
 from resilience.streams import with_heartbeats
 
 from .errors import ApiError
@@ -36,6 +54,10 @@ from .sse import HEADERS, EventWriter
 from .validation import check_content_type, parse_chat_request
 
 logger = logging.getLogger(__name__)
+
+# One pool client per process: it keeps the in-process fallback table and
+# the moving average of stream durations behind Retry-After estimates.
+pool = AsyncConnectionPool()
 
 
 def max_body_bytes() -> int:
@@ -99,33 +121,141 @@ class ChatStreamConsumer(AsyncHttpConsumer):
     async def _respond(self, body: bytes) -> None:
         request_id = str(uuid.uuid4())
         try:
-            request, entry = await self._admit(body)
+            request, entry, snapshot = await self._admit(body)
+            lease = await self._acquire(snapshot)
+        except PoolFull as full:
+            await self._respond_queued(request, entry, snapshot, full, request_id)
+            return
         except ApiError as exc:
-            logger.info("stream %s: refused %s", request_id, exc.code)
-            record_request(exc.code)
-            await self._send_error(exc)
+            await self._refuse(request_id, exc)
             return
         except Exception:
             logger.exception("stream %s: admission failed", request_id)
-            await self._send_error(
-                ApiError(503, "internal_error", "the request could not be admitted")
+            await self._refuse(
+                request_id,
+                ApiError(503, "internal_error", "the request could not be admitted"),
             )
             return
+        await self._respond_direct(request, entry, lease, request_id)
 
-        logger.info("stream %s: admitted, provider %s", request_id, entry.config.name)
-        record_request("admitted")
+    async def _refuse(self, request_id: str, error: ApiError) -> None:
+        logger.info("stream %s: refused %s", request_id, error.code)
+        record_request(error.code)
+        await self._send_error(error)
+
+    async def _acquire(self, snapshot: Snapshot) -> Lease:
+        """Take a pool slot; raise ``PoolFull`` for the queue to take over."""
+        assert self.identity is not None
+        try:
+            return await pool.acquire(self.identity.caller, snapshot.pool)
+        except PoolFull as full:
+            if snapshot.queue.enabled:
+                raise
+            raise ApiError(
+                503, "pool_full", full.message, full.retry_after_seconds
+            ) from full
+
+    async def _open_stream(self) -> EventWriter:
         await self.send_headers(status=200, headers=HEADERS)
         writer = EventWriter()
         await self.send_body(writer.comment("stream open"), more_body=True)
-        source = stream_events(
-            request,
-            entry.adapter,
-            request_id,
-            item_timeout=conf.number("PROVIDER_IDLE_SECONDS"),
-        )
-        await self._relay(source, writer, request_id)
+        return writer
 
-    async def _admit(self, body: bytes) -> tuple[ChatRequest, ProviderEntry]:
+    async def _respond_direct(
+        self,
+        request: ChatRequest,
+        entry: ProviderEntry,
+        lease: Lease,
+        request_id: str,
+    ) -> None:
+        logger.info("stream %s: admitted, provider %s", request_id, entry.config.name)
+        record_request("admitted")
+        recorder = StreamRecorder()
+        try:
+            writer = await self._open_stream()
+            source = stream_events(
+                request,
+                entry.adapter,
+                request_id,
+                item_timeout=conf.number("PROVIDER_IDLE_SECONDS"),
+            )
+            try:
+                async with pool.hold(lease):
+                    await self._relay(source, writer, recorder)
+            except LeaseLost:
+                await self._send_event(
+                    writer,
+                    recorder,
+                    error_event("lease_lost", "the stream's pool slot expired; retry"),
+                )
+        finally:
+            self._log_end(request_id, recorder)
+        await self.send_body(b"", more_body=False)
+
+    async def _respond_queued(
+        self,
+        request: ChatRequest,
+        entry: ProviderEntry,
+        snapshot: Snapshot,
+        full: PoolFull,
+        request_id: str,
+    ) -> None:
+        assert self.identity is not None
+        payload = JobPayload(
+            request_id=request_id,
+            caller=self.identity.caller,
+            messages=[{"role": m.role, "content": m.content} for m in request.messages],
+            model=request.model,
+            max_tokens=request.max_tokens,
+            provider=entry.config.name,
+            max_wait_seconds=snapshot.queue.max_wait_seconds,
+            job_timeout_seconds=snapshot.queue.job_timeout_seconds,
+        )
+        layer = get_channel_layer()
+        channel: str | None = None
+        try:
+            channel = await layer.new_channel()
+            await layer.group_add(payload.group, channel)
+            ticket = await submit(payload, snapshot.queue, time.monotonic)
+        except (QueueFull, QueueUnavailable) as exc:
+            await self._discard(layer, payload.group, channel)
+            await self._refuse(
+                request_id,
+                ApiError(503, exc.code, exc.message, exc.retry_after_seconds),
+            )
+            return
+        except (RedisError, OSError) as exc:
+            logger.warning("stream %s: channel layer unreachable (%s)", request_id, exc)
+            await self._refuse(
+                request_id,
+                ApiError(503, "queue_unavailable", "the queue is unreachable"),
+            )
+            return
+        logger.info(
+            "stream %s: queued at %d (%s)", request_id, ticket.position, full.message
+        )
+        record_request("queued")
+        assert channel is not None
+        follower = Follower(ticket, layer, channel)
+        recorder = StreamRecorder()
+        try:
+            writer = await self._open_stream()
+            await self._relay(follower.events(), writer, recorder)
+        finally:
+            if not follower.finished:
+                await withdraw(payload)
+            await self._discard(layer, payload.group, channel)
+            self._log_end(request_id, recorder)
+        await self.send_body(b"", more_body=False)
+
+    @staticmethod
+    async def _discard(layer: Any, group: str, channel: str | None) -> None:
+        if channel is None:
+            return
+        with contextlib.suppress(RedisError, OSError):
+            await layer.group_discard(group, channel)
+
+    async def _admit(self, body: bytes) -> tuple[ChatRequest, ProviderEntry, Snapshot]:
         if self.scope.get("method") != "POST":
             raise ApiError(405, "method_not_allowed", "use POST")
         check_content_type(self._header(b"content-type"))
@@ -137,7 +267,7 @@ class ChatStreamConsumer(AsyncHttpConsumer):
             self._peer(), self._headers(), settings.TRUSTED_PROXIES, snapshot.version
         )
         self._check_csrf(body)
-        return request, entry
+        return request, entry, snapshot
 
     def _peer(self) -> str:
         client = self.scope.get("client") or ("", 0)
@@ -153,31 +283,36 @@ class ChatStreamConsumer(AsyncHttpConsumer):
         self,
         source: AsyncGenerator[StreamEvent, None],
         writer: EventWriter,
-        request_id: str,
+        recorder: StreamRecorder,
     ) -> None:
-        """Send events as SSE with heartbeats; end with exactly one terminal."""
-        recorder = StreamRecorder()
+        """Send events as SSE with heartbeats, up to exactly one terminal."""
         interval = conf.number("HEARTBEAT_SECONDS")
-        try:
-            async for event in with_heartbeats(source, interval):
-                if event is None:
-                    await self.send_body(writer.comment("ping"), more_body=True)
-                    continue
-                recorder.saw(event)
-                await self.send_body(writer.event(event), more_body=True)
-                if event.terminal:
-                    break
-            else:
-                last = error_event("internal_error", "the stream ended unexpectedly")
-                recorder.saw(last)
-                await self.send_body(writer.event(last), more_body=True)
-        finally:
-            seconds = recorder.finish()
-            logger.info(
-                "stream %s: %s after %d tokens in %.2f s",
-                request_id, recorder.outcome(), recorder.tokens, seconds,
-            )  # fmt: skip
-        await self.send_body(b"", more_body=False)
+        async for event in with_heartbeats(source, interval):
+            if event is None:
+                await self.send_body(writer.comment("ping"), more_body=True)
+                continue
+            await self._send_event(writer, recorder, event)
+            if event.terminal:
+                return
+        await self._send_event(
+            writer,
+            recorder,
+            error_event("internal_error", "the stream ended unexpectedly"),
+        )
+
+    async def _send_event(
+        self, writer: EventWriter, recorder: StreamRecorder, event: StreamEvent
+    ) -> None:
+        recorder.saw(event)
+        await self.send_body(writer.event(event), more_body=True)
+
+    @staticmethod
+    def _log_end(request_id: str, recorder: StreamRecorder) -> None:
+        seconds = recorder.finish()
+        logger.info(
+            "stream %s: %s after %d tokens in %.2f s",
+            request_id, recorder.outcome(), recorder.tokens, seconds,
+        )  # fmt: skip
 
     def _check_csrf(self, body: bytes) -> None:
         """Check CSRF when a session cookie, not an API key, authenticates."""

@@ -141,3 +141,14 @@ def providers(transactional_db: Any, redis: redis_lib.Redis) -> Callable[..., No
         time.sleep(0.3)
 
     return configure
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: Any) -> Any:
+    """Attach the live server's log tail to a failing test's report."""
+    report = yield
+    server = getattr(item, "funcargs", {}).get("daphne")
+    if report.failed and isinstance(server, LiveServer):
+        tail = "\n".join(server.log_text().splitlines()[-60:])
+        report.sections.append(("daphne log (tail)", tail))
+    return report
