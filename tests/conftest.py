@@ -129,18 +129,56 @@ def daphne(django_db_setup: Any, django_db_blocker: Any) -> Iterator[LiveServer]
 
 @pytest.fixture
 def providers(transactional_db: Any, redis: redis_lib.Redis) -> Callable[..., None]:
-    """Replace every provider row; live servers see the change within 0.3 s."""
-    from llm.models import Provider
+    """Replace the provider rows and set policies; live servers see it in 0.3 s.
 
-    def configure(*rows: dict[str, Any]) -> None:
+    ``pool``, ``queue`` and ``rate_limits`` keyword arguments set those
+    policies; by default the pool is roomy and no rate limit applies.
+    """
+    from llm.models import Provider
+    from resilience.models import PoolPolicy, QueuePolicy, RateLimitPolicy
+
+    def configure(
+        *rows: dict[str, Any],
+        pool: dict[str, Any] | None = None,
+        queue: dict[str, Any] | None = None,
+        rate_limits: list[dict[str, Any]] | None = None,
+    ) -> None:
         Provider.objects.all().delete()
         for order, row in enumerate(rows):
             Provider.objects.create(
                 **{"kind": "simulated", "order": order, "enabled": True, **row}
             )
+        PoolPolicy(**{"global_max": 100, "per_user_max": 100, **(pool or {})}).save()
+        QueuePolicy(**(queue or {})).save()
+        RateLimitPolicy.objects.all().delete()
+        for limit in rate_limits or []:
+            RateLimitPolicy.objects.create(**limit)
         time.sleep(0.3)
 
     return configure
+
+
+@pytest.fixture
+def workers(
+    transactional_db: Any, redis: redis_lib.Redis
+) -> Iterator[Callable[..., None]]:
+    """Start ``rqworker streams`` processes for one test."""
+    started: list[subprocess.Popen[bytes]] = []
+
+    def start(count: int = 1) -> None:
+        env = live_env(DJANGO_SETTINGS_MODULE="streamsvc.settings")
+        for _ in range(count):
+            started.append(subprocess.Popen(
+                [sys.executable, "manage.py", "rqworker", "streams"], cwd=ROOT,
+                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            ))  # fmt: skip
+        assert wait_until(lambda: len(redis.keys("rq:worker:*")) >= count, 20)
+
+    yield start
+    for process in started:
+        process.terminate()
+    for process in started:
+        process.wait(10)
 
 
 @pytest.hookimpl(wrapper=True)

@@ -1,0 +1,212 @@
+"""Layers 2 and 3 end to end: real daphne, real Redis, real rqworkers."""
+
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+import pytest
+
+from resilience.connection_pool_manager import HASH_TAG
+from resilience.redis_client import key
+from tests.conftest import LiveServer, wait_until
+from tests.sse_client import StreamResult, chat, stream
+
+pytestmark = pytest.mark.timeout(120)
+
+Configure = Callable[..., None]
+SLOW = {"ttft_ms": 0, "length": 40, "tokens_per_second": 20}
+FAST = {"ttft_ms": 0, "length": 8, "tokens_per_second": 200}
+
+
+def in_background(
+    url: str, body: dict[str, Any], **kw: Any
+) -> tuple[threading.Thread, dict[str, StreamResult]]:
+    box: dict[str, StreamResult] = {}
+
+    def run() -> None:
+        box["result"] = stream(url, body, **kw)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread, box
+
+
+def pool_in_use(redis: Any) -> int:
+    return int(redis.zcard(key(HASH_TAG, "global")))
+
+
+def test_a_full_pool_without_the_queue_answers_pool_full(
+    daphne: LiveServer, providers: Configure, redis: Any
+) -> None:
+    providers(
+        {"name": "simulated", "options": SLOW},
+        pool={"global_max": 1, "per_user_max": 1},
+        queue={"enabled": False},
+    )
+    holder, box = in_background(daphne.url, chat("first"))
+    assert wait_until(lambda: pool_in_use(redis) == 1)
+    refused = stream(daphne.url, chat("second"))
+    assert refused.status == 503
+    assert refused.body["error"]["code"] == "pool_full"
+    assert int(refused.headers["retry-after"]) >= 1
+    assert refused.body["error"]["retry_after"] == int(refused.headers["retry-after"])
+    holder.join(30)
+    assert box["result"].last()[0] == "done"
+    assert wait_until(lambda: pool_in_use(redis) == 0, 2)
+
+
+def test_overflow_is_queued_and_streams_the_same_text_as_the_direct_path(
+    daphne: LiveServer, providers: Configure, workers: Any, redis: Any
+) -> None:
+    providers(
+        {"name": "simulated", "options": FAST},
+        pool={"global_max": 1, "per_user_max": 1},
+    )
+    direct = stream(daphne.url, chat("the same question"))
+    assert direct.names()[0] == "start"
+
+    providers(
+        {"name": "simulated", "options": SLOW},
+        pool={"global_max": 1, "per_user_max": 1},
+    )
+    workers(1)
+    holder, _ = in_background(daphne.url, chat("hold the slot"))
+    assert wait_until(lambda: pool_in_use(redis) == 1)
+    queued = stream(daphne.url, chat("the same question", max_tokens=8))
+    holder.join(30)
+
+    assert queued.status == 200
+    assert queued.names()[0] == "queued"
+    assert queued.events[0][1]["position"] == 1
+    request_id = queued.events[0][1]["request_id"]
+    start = queued.events[queued.names().index("start")][1]
+    assert start["request_id"] == request_id
+    assert queued.last()[0] == "done"
+    assert queued.text() == direct.text()
+    assert queued.ids == list(range(1, len(queued.ids) + 1))
+
+
+def test_positions_arrive_in_order(
+    daphne: LiveServer, providers: Configure, workers: Any, redis: Any
+) -> None:
+    providers(
+        {
+            "name": "simulated",
+            "options": {"ttft_ms": 0, "length": 10, "tokens_per_second": 10},
+        },
+        pool={"global_max": 1, "per_user_max": 1},
+    )
+    workers(1)
+    holder, _ = in_background(daphne.url, chat("holder"))
+    assert wait_until(lambda: pool_in_use(redis) == 1)
+    waiting = []
+    for index in range(3):
+        thread, box = in_background(daphne.url, chat(f"q{index}"))
+        waiting.append((thread, box))
+        time.sleep(0.3)
+    for thread, _ in waiting:
+        thread.join(60)
+    holder.join(30)
+    last = waiting[-1][1]["result"]
+    positions = [d["position"] for n, d in last.events if n == "queued"]
+    assert positions[0] >= 2
+    assert positions == sorted(positions, reverse=True)
+    assert len(set(positions)) == len(positions)
+    assert all(box["result"].last()[0] == "done" for _, box in waiting)
+
+
+def test_a_full_queue_answers_queue_full_with_retry_after(
+    daphne: LiveServer, providers: Configure, redis: Any
+) -> None:
+    providers(
+        {"name": "simulated", "options": SLOW},
+        pool={"global_max": 1, "per_user_max": 1},
+        queue={"max_depth": 1, "per_user_max": 1, "max_wait_seconds": 4},
+    )
+    holder, _ = in_background(daphne.url, chat("holder"))
+    assert wait_until(lambda: pool_in_use(redis) == 1)
+    waiter, box = in_background(daphne.url, chat("waiter"))
+    assert wait_until(lambda: redis.llen("rq:queue:streams") == 1)
+    refused = stream(daphne.url, chat("third"))
+    assert refused.status == 503
+    assert refused.body["error"]["code"] == "queue_full"
+    assert int(refused.headers["retry-after"]) >= 1
+    waiter.join(15)
+    holder.join(30)
+    assert box["result"].last()[1]["code"] == "queue_timeout"
+
+
+def test_a_client_leaving_the_queue_removes_its_job(
+    daphne: LiveServer, providers: Configure, redis: Any
+) -> None:
+    providers(
+        {"name": "simulated", "options": SLOW},
+        pool={"global_max": 1, "per_user_max": 1},
+    )
+    holder, _ = in_background(daphne.url, chat("holder"))
+    assert wait_until(lambda: pool_in_use(redis) == 1)
+    left = stream(daphne.url, chat("leaves"), stop_after=1)
+    assert left.names() == ["queued"]
+    assert wait_until(lambda: redis.llen("rq:queue:streams") == 0, 5)
+    assert wait_until(lambda: redis.zcard(key("queue", "{q}", "waiting")) == 0, 5)
+    holder.join(30)
+
+
+def test_waiting_past_the_maximum_ends_with_queue_timeout(
+    daphne: LiveServer, providers: Configure, redis: Any
+) -> None:
+    providers(
+        {"name": "simulated", "options": SLOW},
+        pool={"global_max": 1, "per_user_max": 1},
+        queue={"max_wait_seconds": 1},
+    )
+    holder, _ = in_background(daphne.url, chat("holder"))
+    assert wait_until(lambda: pool_in_use(redis) == 1)
+    timed_out = stream(daphne.url, chat("patient"))
+    assert timed_out.names()[0] == "queued"
+    assert timed_out.last()[0] == "error"
+    assert timed_out.last()[1]["code"] == "queue_timeout"
+    assert redis.llen("rq:queue:streams") == 0
+    holder.join(30)
+
+
+def test_a_disconnect_releases_the_lease_at_once(
+    daphne: LiveServer, providers: Configure, redis: Any
+) -> None:
+    providers({"name": "simulated", "options": SLOW})
+    partial = stream(daphne.url, chat(), stop_after=2)
+    assert partial.names() == ["start", "token"]
+    assert wait_until(lambda: pool_in_use(redis) == 0, 1.5)
+
+
+def test_a_lost_lease_ends_the_stream_with_lease_lost(
+    daphne: LiveServer, providers: Configure, redis: Any
+) -> None:
+    providers(
+        {"name": "simulated", "options": {**SLOW, "length": 200}},
+        pool={"lease_ttl_seconds": 1.5},
+    )
+    thread, box = in_background(daphne.url, chat())
+    assert wait_until(lambda: pool_in_use(redis) == 1)
+    for name in redis.scan_iter(match=key(HASH_TAG, "*")):
+        redis.delete(name)
+    thread.join(20)
+    result = box["result"]
+    assert result.last()[0] == "error"
+    assert result.last()[1]["code"] == "lease_lost"
+    assert "done" not in result.names()
+
+
+def test_bad_requests_take_no_pool_slot(
+    daphne: LiveServer, providers: Configure, redis: Any
+) -> None:
+    providers({"name": "simulated"})
+    response = httpx.post(
+        daphne.url + "/api/v1/chat/stream",
+        content=b"{",
+        headers={"Content-Type": "application/json"},
+    )
+    assert response.status_code == 400
+    assert pool_in_use(redis) == 0
