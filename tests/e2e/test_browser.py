@@ -121,3 +121,29 @@ def test_an_error_event_is_shown(
     browser.get(daphne.url + "/")
     send(browser, "refuse me")
     wait_for(browser, lambda d: state(d) == "error: provider_rejected")
+
+
+def test_a_queued_request_shows_its_position(
+    daphne: LiveServer, providers: Configure, browser: WebDriver
+) -> None:
+    import threading
+
+    from tests.sse_client import chat, stream
+
+    providers(
+        {
+            "name": "simulated",
+            "options": {"ttft_ms": 0, "length": 60, "tokens_per_second": 20},
+        },
+        pool={"global_max": 1, "per_user_max": 1},
+        queue={"max_wait_seconds": 2},
+    )
+    holder = threading.Thread(target=stream, args=(daphne.url, chat("holder")))
+    holder.start()
+    try:
+        browser.get(daphne.url + "/")
+        send(browser, "let me in")
+        wait_for(browser, lambda d: state(d) == "queued #1")
+        wait_for(browser, lambda d: state(d) == "error: queue_timeout")
+    finally:
+        holder.join(30)
