@@ -155,11 +155,9 @@ class ChatStreamConsumer(AsyncHttpConsumer):
                 503, "pool_full", full.message, full.retry_after_seconds
             ) from full
 
-    async def _open_stream(self) -> EventWriter:
+    async def _open_stream(self, writer: EventWriter) -> None:
         await self.send_headers(status=200, headers=HEADERS)
-        writer = EventWriter()
         await self.send_body(writer.comment("stream open"), more_body=True)
-        return writer
 
     async def _respond_direct(
         self,
@@ -171,23 +169,25 @@ class ChatStreamConsumer(AsyncHttpConsumer):
         logger.info("stream %s: admitted, provider %s", request_id, entry.config.name)
         record_request("admitted")
         recorder = StreamRecorder()
+        writer = EventWriter()
         try:
-            writer = await self._open_stream()
-            source = stream_events(
-                request,
-                entry.adapter,
-                request_id,
-                item_timeout=conf.number("PROVIDER_IDLE_SECONDS"),
-            )
-            try:
-                async with pool.hold(lease):
-                    await self._relay(source, writer, recorder)
-            except LeaseLost:
-                await self._send_event(
-                    writer,
-                    recorder,
-                    error_event("lease_lost", "the stream's pool slot expired; retry"),
+            # The hold is entered before the first await, so a cancellation
+            # at any later point still releases the lease.
+            async with pool.hold(lease):
+                await self._open_stream(writer)
+                source = stream_events(
+                    request,
+                    entry.adapter,
+                    request_id,
+                    item_timeout=conf.number("PROVIDER_IDLE_SECONDS"),
                 )
+                await self._relay(source, writer, recorder)
+        except LeaseLost:
+            await self._send_event(
+                writer,
+                recorder,
+                error_event("lease_lost", "the stream's pool slot expired; retry"),
+            )
         finally:
             self._log_end(request_id, recorder)
         await self.send_body(b"", more_body=False)
@@ -238,8 +238,9 @@ class ChatStreamConsumer(AsyncHttpConsumer):
         assert channel is not None
         follower = Follower(ticket, layer, channel)
         recorder = StreamRecorder()
+        writer = EventWriter()
         try:
-            writer = await self._open_stream()
+            await self._open_stream(writer)
             await self._relay(follower.events(), writer, recorder)
         finally:
             if not follower.finished:
