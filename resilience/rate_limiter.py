@@ -32,6 +32,12 @@ their room until the instance's next round trip or the lease's expiry, at
 most ``lease_seconds`` later. A bucket smaller than ``1 / lease_fraction``
 tokens is never leased and is decided in Redis every time.
 
+Note: the bound rests on Redis's clock. ``TIME`` is wall-clock time, so a
+forward jump of Redis's clock both refills early and ends leases early in
+Redis (while instances may still spend them): a jump of ``j`` seconds can
+admit up to ``rate * j`` plus the unspent leases extra. A backward jump only
+delays refill.
+
 RateLimit numbers. ``remaining`` is counted after this request and treats
 every leased token, ours included, as spent. A Redis answer gives the
 bucket's tokens left; a local decision reports that figure minus what this
@@ -258,6 +264,11 @@ class AsyncRateLimiter:
     One instance per process (or per event loop) is the intended use; each
     instance holds its own leases under a random id. ``local_cache=False``
     sends every decision to Redis (the benchmark's baseline).
+
+    Note: round trips are not coalesced. Requests of one instance that miss
+    the local cache while a round trip for the same bucket is in flight each
+    make their own (they are decided exactly, but take no lease, since
+    Redis grants one instance one lease per bucket at a time).
     """
 
     def __init__(
