@@ -10,11 +10,15 @@ kept per process.
 
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from prometheus_client import Counter, Histogram
 
 from .events import ERROR, TOKEN, StreamEvent
 from .stats import stats
+
+if TYPE_CHECKING:
+    from .rate_limiter import Decision
 
 REQUESTS = Counter(
     "streamsvc_requests",
@@ -65,6 +69,20 @@ def record_request(outcome: str) -> None:
     label = outcome if outcome in OUTCOMES else "error"
     REQUESTS.labels(label).inc()
     stats.count(label)
+
+
+def count_round_trips(component: str, count: int) -> None:
+    if count > 0:
+        REDIS_ROUND_TRIPS.labels(component).inc(count)
+
+
+def record_decision(decision: "Decision") -> None:
+    """Count a rate-limit decision by result and by where it was made."""
+    result = "admitted" if decision.allowed else "limited"
+    where = "fallback" if decision.fallback else "local" if decision.local else "redis"
+    LIMITER_DECISIONS.labels(result, where).inc()
+    if decision.local:
+        stats.count("decided_local")
 
 
 class StreamRecorder:

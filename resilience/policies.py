@@ -25,6 +25,7 @@ from llm.registry import ProviderConfig, build_provider
 from . import conf, redis_client
 from .connection_pool_manager import PoolPolicy
 from .queue_request_handler import QueueSettings
+from .rate_limiter import BucketPolicy
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +48,7 @@ class PolicyRows:
     providers: list[ProviderConfig]
     pool: PoolPolicy = field(default_factory=lambda: DEFAULT_POOL)
     queue: QueueSettings = field(default_factory=QueueSettings)
+    rate_limits: tuple[BucketPolicy, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -57,6 +59,7 @@ class Snapshot:
     providers: tuple[ProviderEntry, ...] = field(default=())
     pool: PoolPolicy = field(default_factory=lambda: DEFAULT_POOL)
     queue: QueueSettings = field(default_factory=QueueSettings)
+    rate_limits: tuple[BucketPolicy, ...] = ()
 
     def enabled_providers(self) -> list[ProviderEntry]:
         return [entry for entry in self.providers if entry.config.enabled]
@@ -74,6 +77,7 @@ def load_rows() -> PolicyRows:
 
     from .models import PoolPolicy as PoolRow
     from .models import QueuePolicy as QueueRow
+    from .models import RateLimitPolicy as RateLimitRow
 
     # Read, never create: the stream path must not write. Missing rows (a
     # fresh test database) mean the model defaults.
@@ -91,6 +95,12 @@ def load_rows() -> PolicyRows:
             queue.per_user_max,
             queue.max_wait_seconds,
             queue.job_timeout_seconds,
+        ),
+        rate_limits=tuple(
+            BucketPolicy(
+                r.name, r.scope, r.capacity, r.refill_per_second, r.on_redis_down
+            )
+            for r in RateLimitRow.objects.filter(enabled=True).order_by("name")
         ),
     )
 
@@ -196,7 +206,9 @@ class PolicyCache:
             adapter = old.adapter if old else build_provider(config)
             entries[fingerprint] = ProviderEntry(config, adapter)
         self._adapters = entries
-        return Snapshot(version, tuple(entries.values()), rows.pool, rows.queue)
+        return Snapshot(
+            version, tuple(entries.values()), rows.pool, rows.queue, rows.rate_limits
+        )
 
 
 def bump_version() -> None:

@@ -35,7 +35,12 @@ from resilience.connection_pool_manager import (
 )
 from resilience.events import StreamEvent
 from resilience.events import error as error_event
-from resilience.metrics import StreamRecorder, record_request
+from resilience.metrics import (
+    StreamRecorder,
+    count_round_trips,
+    record_decision,
+    record_request,
+)
 from resilience.pipeline import stream_events
 from resilience.policies import ProviderEntry, Snapshot, policy_cache
 from resilience.queue_request_handler import (
@@ -45,6 +50,13 @@ from resilience.queue_request_handler import (
     QueueUnavailable,
     submit,
     withdraw,
+)
+from resilience.rate_limiter import (
+    AsyncRateLimiter,
+    BucketPolicy,
+    BucketRef,
+    Decision,
+    RateLimiterUnavailable,
 )
 from resilience.streams import with_heartbeats
 
@@ -58,6 +70,42 @@ logger = logging.getLogger(__name__)
 # One pool client per process: it keeps the in-process fallback table and
 # the moving average of stream durations behind Retry-After estimates.
 pool = AsyncConnectionPool()
+
+
+# One limiter per process: its leased tokens are this instance's share.
+limiter = AsyncRateLimiter()
+
+
+def buckets_for(
+    identity: Identity, policies: tuple[BucketPolicy, ...]
+) -> list[BucketRef]:
+    """Return the buckets a request draws from, one per applicable policy."""
+    subjects = {
+        "global": "global",
+        "ip": f"ip:{identity.ip}",
+        "user": None if identity.user_id is None else f"user:{identity.user_id}",
+        "api_key": None
+        if identity.api_key_id is None
+        else f"key:{identity.api_key_id}",
+    }
+    return [
+        BucketRef(policy, subject)
+        for policy in policies
+        if (subject := subjects.get(policy.scope)) is not None
+    ]
+
+
+def limit_headers(decision: Decision) -> list[tuple[bytes, bytes]]:
+    """``RateLimit-*`` headers for the most restrictive bucket.
+
+    Reset is the seconds until that bucket is full again; Remaining is
+    conservative under local leasing (README).
+    """
+    return [
+        (b"RateLimit-Limit", str(decision.limit).encode()),
+        (b"RateLimit-Remaining", str(max(0, decision.remaining)).encode()),
+        (b"RateLimit-Reset", str(decision.reset_seconds).encode()),
+    ]
 
 
 def max_body_bytes() -> int:
@@ -85,6 +133,7 @@ class ChatStreamConsumer(AsyncHttpConsumer):
         self._refused = False
         self._task: asyncio.Task[None] | None = None
         self.identity: Identity | None = None
+        self._limit_headers: list[tuple[bytes, bytes]] = []
 
     async def http_request(self, message: dict[str, Any]) -> None:
         if self._task is not None or self._refused:
@@ -146,6 +195,7 @@ class ChatStreamConsumer(AsyncHttpConsumer):
     async def _acquire(self, snapshot: Snapshot) -> Lease:
         """Take a pool slot; raise ``PoolFull`` for the queue to take over."""
         assert self.identity is not None
+        trips = pool.counters.acquire_round_trips
         try:
             return await pool.acquire(self.identity.caller, snapshot.pool)
         except PoolFull as full:
@@ -154,9 +204,11 @@ class ChatStreamConsumer(AsyncHttpConsumer):
             raise ApiError(
                 503, "pool_full", full.message, full.retry_after_seconds
             ) from full
+        finally:
+            count_round_trips("pool", pool.counters.acquire_round_trips - trips)
 
     async def _open_stream(self, writer: EventWriter) -> None:
-        await self.send_headers(status=200, headers=HEADERS)
+        await self.send_headers(status=200, headers=HEADERS + self._limit_headers)
         await self.send_body(writer.comment("stream open"), more_body=True)
 
     async def _respond_direct(
@@ -268,7 +320,35 @@ class ChatStreamConsumer(AsyncHttpConsumer):
             self._peer(), self._headers(), settings.TRUSTED_PROXIES, snapshot.version
         )
         self._check_csrf(body)
+        await self._rate_limit(snapshot)
         return request, entry, snapshot
+
+    async def _rate_limit(self, snapshot: Snapshot) -> None:
+        """Take a token from every applicable bucket, or refuse (429/503)."""
+        assert self.identity is not None
+        buckets = buckets_for(self.identity, snapshot.rate_limits)
+        if not buckets:
+            return
+        trips = limiter.stats.redis_round_trips
+        try:
+            decision = await limiter.admit(buckets)
+        except RateLimiterUnavailable as exc:
+            raise ApiError(
+                503, exc.code, "rate limiting is unavailable; retry shortly",
+                exc.retry_after_seconds,
+            ) from exc  # fmt: skip
+        record_decision(decision)
+        count_round_trips("rate_limiter", limiter.stats.redis_round_trips - trips)
+        self._limit_headers = limit_headers(decision)
+        if not decision.allowed:
+            raise ApiError(
+                429,
+                "rate_limited",
+                f"rate limit {decision.policy!r} exceeded; retry in "
+                f"{decision.retry_after_seconds} s",
+                decision.retry_after_seconds,
+                headers=self._limit_headers,
+            )
 
     def _peer(self) -> str:
         client = self.scope.get("client") or ("", 0)
