@@ -147,3 +147,27 @@ def test_a_queued_request_shows_its_position(
         wait_for(browser, lambda d: state(d) == "error: queue_timeout")
     finally:
         holder.join(30)
+
+
+def test_a_rate_limited_request_shows_a_countdown(
+    daphne: LiveServer, providers: Configure, browser: WebDriver
+) -> None:
+    providers(
+        {"name": "simulated", "options": {"ttft_ms": 0, "length": 2}},
+        rate_limits=[
+            {
+                "name": "browser-ip",
+                "scope": "ip",
+                "capacity": 1,
+                "refill_per_second": 0.2,
+            }
+        ],
+    )
+    browser.get(daphne.url + "/")
+    send(browser, "first")
+    wait_for(browser, lambda d: state(d).startswith("done"))
+    send(browser, "second")
+    wait_for(browser, lambda d: state(d).startswith("rate limited — retry in"))
+    first = int(state(browser).split("retry in ")[1].rstrip("s"))
+    assert 1 <= first <= 5
+    wait_for(browser, lambda d: f"retry in {first - 1}s" in state(d), timeout=3)
