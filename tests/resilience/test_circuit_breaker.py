@@ -367,9 +367,7 @@ class TestShared:
         await fail(breakers[0])
         clock.advance(30)
         try:
-            results = await asyncio.gather(
-                *(_try(breakers[i % 3]) for i in range(50))
-            )
+            results = await asyncio.gather(*(_try(breakers[i % 3]) for i in range(50)))
         finally:
             for client in clients:
                 await client.aclose()
