@@ -36,7 +36,10 @@ code that catches that still works.
 Local read cache: the last verdict is kept in the process for at most
 ``cache_seconds`` (0.5 s), and an open verdict never beyond the remaining
 open time (C19), so a transition reaches every instance within a second.
-Half-open is never cached: each probe claim goes to Redis.
+Half-open is never cached: each probe claim goes to Redis. A cached
+"closed" lets ``acquire`` admit without a round trip (outcomes always go to
+Redis), so an instance may admit calls for up to ``cache_seconds`` after
+another one opened the breaker; any outcome it records refreshes the cache.
 
 Redis unreachable (connection error or the client's short timeout, C21):
 the breaker falls back to an in-process breaker with the same policy and

@@ -24,6 +24,11 @@ closes the stream early or is cancelled (C07). A caller that needs its own
 shape uses ``Retrier.open(attempt, breaker)``: it returns the attempt's
 value with the still-open permit, and the caller then records exactly one
 outcome with ``breaker.record(permit, exc)``.
+
+Note: bound provider silence with ``item_timeout`` (raised inside as a
+``ProviderTimeout``), not with an ``asyncio.timeout`` around the returned
+generator: that one cancels the task, which the breaker can only count as a
+cancellation, never as the provider's failure.
 """
 
 import asyncio
