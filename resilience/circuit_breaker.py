@@ -53,6 +53,7 @@ threshold trips. Outcomes of permits taken before Redis was lost are
 recorded locally; their Redis probe slots expire after the probe timeout.
 """
 
+import asyncio
 import hashlib
 import logging
 import math
@@ -515,6 +516,17 @@ class AsyncCircuitBreaker:
         """Record that the call was abandoned: free its probe slot, count nothing."""
         await self._record(permit, Outcome.CANCELLED)
 
+    def known_open(self) -> float | None:
+        """Return seconds until a probe if the local cache says open, else None.
+
+        Costs no Redis round trip: admission uses it to refuse a request whose
+        every provider is known to be open. A cold cache answers None.
+        """
+        cached = self._cached()
+        if cached is None or cached.admit:
+            return None
+        return self._cached_retry_after(cached) or 0.0
+
     def guard(self) -> "BreakerGuard":
         """Return ``async with`` guard: acquire on enter, classify on exit."""
         return BreakerGuard(self)
@@ -696,6 +708,7 @@ def _unreachable(provider: str) -> ResilienceError:
 
 def _log_transition(provider: str, result: _Result, backend: str) -> None:
     where = "" if backend == "redis" else " (local fallback)"
+    _keep_transition(provider, result.state, backend)
     if result.state == "open":
         logger.warning(
             "breaker %s: open after %d failures (%d of %d calls in the window)%s",
@@ -709,6 +722,18 @@ def _log_transition(provider: str, result: _Result, backend: str) -> None:
         logger.warning("breaker %s: half-open, probing%s", provider, where)
     else:
         logger.warning("breaker %s: %s%s", provider, result.state, where)
+
+
+def _keep_transition(provider: str, state: str, backend: str) -> None:
+    """Add the transition to the status page's log, off the event loop."""
+    from .stats import record_transition
+
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        record_transition(provider, state, backend)
+        return
+    loop.run_in_executor(None, record_transition, provider, state, backend)
 
 
 __all__ = [

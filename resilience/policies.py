@@ -14,7 +14,7 @@ import logging
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 from asgiref.sync import sync_to_async
 from redis.exceptions import RedisError
@@ -23,9 +23,11 @@ from llm.base import ChatProvider
 from llm.registry import ProviderConfig, build_provider
 
 from . import conf, redis_client
+from .circuit_breaker import AsyncCircuitBreaker, BreakerPolicy
 from .connection_pool_manager import PoolPolicy
 from .queue_request_handler import QueueSettings
 from .rate_limiter import BucketPolicy
+from .retry_strategy import RetryPolicy
 
 logger = logging.getLogger(__name__)
 
@@ -37,8 +39,11 @@ OFFLINE_RELOAD_SECONDS = 5.0
 
 @dataclass(frozen=True)
 class ProviderEntry:
+    """A provider ready to call: its row, its adapter and its breaker."""
+
     config: ProviderConfig
     adapter: ChatProvider
+    breaker: AsyncCircuitBreaker
 
 
 @dataclass(frozen=True)
@@ -49,6 +54,8 @@ class PolicyRows:
     pool: PoolPolicy = field(default_factory=lambda: DEFAULT_POOL)
     queue: QueueSettings = field(default_factory=QueueSettings)
     rate_limits: tuple[BucketPolicy, ...] = ()
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    breakers: dict[str, BreakerPolicy] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -60,6 +67,7 @@ class Snapshot:
     pool: PoolPolicy = field(default_factory=lambda: DEFAULT_POOL)
     queue: QueueSettings = field(default_factory=QueueSettings)
     rate_limits: tuple[BucketPolicy, ...] = ()
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
 
     def enabled_providers(self) -> list[ProviderEntry]:
         return [entry for entry in self.providers if entry.config.enabled]
@@ -70,19 +78,27 @@ class Snapshot:
                 return entry
         return None
 
+    def candidates(self, chosen: ProviderEntry) -> list[ProviderEntry]:
+        """The chosen provider first, then the other enabled ones in order."""
+        others = [e for e in self.enabled_providers() if e is not chosen]
+        return [chosen, *others]
+
 
 def load_rows() -> PolicyRows:
     """Read every policy table (blocking; call from a thread)."""
     from llm.models import Provider
 
+    from .models import BreakerPolicy as BreakerRow
     from .models import PoolPolicy as PoolRow
     from .models import QueuePolicy as QueueRow
     from .models import RateLimitPolicy as RateLimitRow
+    from .models import RetryPolicy as RetryRow
 
     # Read, never create: the stream path must not write. Missing rows (a
     # fresh test database) mean the model defaults.
     pool = PoolRow.objects.filter(pk=1).first() or PoolRow()
     queue = QueueRow.objects.filter(pk=1).first() or QueueRow()
+    retry = RetryRow.objects.filter(pk=1).first() or RetryRow()
     return PolicyRows(
         providers=[
             ProviderConfig(p.name, p.kind, p.order, p.enabled, dict(p.options))
@@ -102,6 +118,24 @@ def load_rows() -> PolicyRows:
             )
             for r in RateLimitRow.objects.filter(enabled=True).order_by("name")
         ),
+        retry=RetryPolicy(
+            retry.max_attempts,
+            retry.base_delay_seconds,
+            retry.max_delay_seconds,
+            retry.max_total_seconds,
+        ),
+        breakers={
+            b.provider.name: BreakerPolicy(
+                b.failure_threshold,
+                b.failure_rate_percent,
+                b.window_seconds,
+                b.minimum_calls,
+                b.recovery_timeout_seconds,
+                b.half_open_probes,
+                b.probe_timeout_seconds,
+            )
+            for b in BreakerRow.objects.select_related("provider")
+        },
     )
 
 
@@ -199,15 +233,25 @@ class PolicyCache:
         # connection pools survive a reload triggered by another row.
         entries: dict[str, ProviderEntry] = {}
         for config in rows.providers:
+            breaker = rows.breakers.get(config.name) or BreakerPolicy()
             fingerprint = json.dumps(
-                [config.name, config.kind, config.options], sort_keys=True
+                [config.name, config.kind, config.options, asdict(breaker)],
+                sort_keys=True,
             )
             old = self._adapters.get(fingerprint)
-            adapter = old.adapter if old else build_provider(config)
-            entries[fingerprint] = ProviderEntry(config, adapter)
+            entries[fingerprint] = old or ProviderEntry(
+                config,
+                build_provider(config),
+                AsyncCircuitBreaker(config.name, breaker),
+            )
         self._adapters = entries
         return Snapshot(
-            version, tuple(entries.values()), rows.pool, rows.queue, rows.rate_limits
+            version,
+            tuple(entries.values()),
+            rows.pool,
+            rows.queue,
+            rows.rate_limits,
+            rows.retry,
         )
 
 

@@ -135,8 +135,9 @@ async def _events(job: JobPayload) -> AsyncIterator[StreamEvent]:
     return _deadline(
         stream_events(
             request,
-            entry.adapter,
+            snapshot.candidates(entry),
             job.request_id,
+            snapshot.retry,
             item_timeout=conf.number("PROVIDER_IDLE_SECONDS"),
         ),
         job.job_timeout_seconds,

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import io
 import logging
+import math
 import time
 import uuid
 from collections.abc import AsyncGenerator
@@ -134,6 +135,7 @@ class ChatStreamConsumer(AsyncHttpConsumer):
         self._task: asyncio.Task[None] | None = None
         self.identity: Identity | None = None
         self._limit_headers: list[tuple[bytes, bytes]] = []
+        self._snapshot = Snapshot(None)
 
     async def http_request(self, message: dict[str, Any]) -> None:
         if self._task is not None or self._refused:
@@ -229,8 +231,9 @@ class ChatStreamConsumer(AsyncHttpConsumer):
                 await self._open_stream(writer)
                 source = stream_events(
                     request,
-                    entry.adapter,
+                    self._snapshot.candidates(entry),
                     request_id,
+                    self._snapshot.retry,
                     item_timeout=conf.number("PROVIDER_IDLE_SECONDS"),
                 )
                 await self._relay(source, writer, recorder)
@@ -321,7 +324,22 @@ class ChatStreamConsumer(AsyncHttpConsumer):
         )
         self._check_csrf(body)
         await self._rate_limit(snapshot)
+        self._check_providers(snapshot.candidates(entry))
+        self._snapshot = snapshot
         return request, entry, snapshot
+
+    @staticmethod
+    def _check_providers(candidates: list[ProviderEntry]) -> None:
+        """Refuse at once when every provider's breaker is known to be open."""
+        waits = [entry.breaker.known_open() for entry in candidates]
+        if all(wait is not None for wait in waits):
+            soonest = min(wait for wait in waits if wait is not None)
+            raise ApiError(
+                503,
+                "provider_unavailable",
+                "every provider is failing; retry when the next probe is due",
+                max(1, math.ceil(soonest)),
+            )
 
     async def _rate_limit(self, snapshot: Snapshot) -> None:
         """Take a token from every applicable bucket, or refuse (429/503)."""

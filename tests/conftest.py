@@ -135,13 +135,21 @@ def providers(transactional_db: Any, redis: redis_lib.Redis) -> Callable[..., No
     policies; by default the pool is roomy and no rate limit applies.
     """
     from llm.models import Provider
-    from resilience.models import PoolPolicy, QueuePolicy, RateLimitPolicy
+    from resilience.models import (
+        BreakerPolicy,
+        PoolPolicy,
+        QueuePolicy,
+        RateLimitPolicy,
+        RetryPolicy,
+    )
 
     def configure(
         *rows: dict[str, Any],
         pool: dict[str, Any] | None = None,
         queue: dict[str, Any] | None = None,
         rate_limits: list[dict[str, Any]] | None = None,
+        retry: dict[str, Any] | None = None,
+        breakers: dict[str, dict[str, Any]] | None = None,
     ) -> None:
         Provider.objects.all().delete()
         for order, row in enumerate(rows):
@@ -153,6 +161,10 @@ def providers(transactional_db: Any, redis: redis_lib.Redis) -> Callable[..., No
         RateLimitPolicy.objects.all().delete()
         for limit in rate_limits or []:
             RateLimitPolicy.objects.create(**limit)
+        fast = {"base_delay_seconds": 0.05, "max_delay_seconds": 0.2}
+        RetryPolicy(**{**fast, **(retry or {})}).save()
+        for name, values in (breakers or {}).items():
+            BreakerPolicy.objects.filter(provider__name=name).update(**values)
         time.sleep(0.3)
 
     return configure

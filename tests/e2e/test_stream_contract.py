@@ -210,7 +210,10 @@ def test_c02_silent_provider_gets_heartbeats_and_the_stream_survives(
 def test_hanging_provider_ends_with_an_error_event(
     daphne: LiveServer, providers: Configure
 ) -> None:
-    providers({"name": "simulated", "options": {"ttft_ms": 0, "fault": "hang"}})
+    providers(
+        {"name": "simulated", "options": {"ttft_ms": 0, "fault": "hang"}},
+        retry={"max_attempts": 1},
+    )
     started = time.monotonic()
     result = stream(daphne.url, chat())
     assert result.names() == ["error"]

@@ -71,9 +71,17 @@ async def test_a_queued_request_streams_the_same_text_as_the_direct_path(
     job = payload()
     got = await follow(job)
 
-    direct = SimulatedProvider("simulated", options)
+    from llm.registry import ProviderConfig
+    from resilience.circuit_breaker import AsyncCircuitBreaker
+    from resilience.policies import ProviderEntry
+
+    direct = ProviderEntry(
+        ProviderConfig("simulated", "simulated", 0, True, options),
+        SimulatedProvider("simulated", options),
+        AsyncCircuitBreaker("direct-reference"),
+    )
     request = ChatRequest((Message("user", "queued hello"),))
-    expected = [(e.name, e.data) async for e in stream_events(request, direct, "x")]
+    expected = [(e.name, e.data) async for e in stream_events(request, [direct], "x")]
     assert got[0] == ("queued", {"request_id": job.request_id, "position": 1})
     assert [n for n, _ in got[1:]] == [n for n, _ in expected]
     text = "".join(d["text"] for n, d in got if n == "token")
