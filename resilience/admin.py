@@ -1,8 +1,10 @@
 from typing import Any
 
-from django.contrib import admin
+from django.contrib import admin, messages
 from django.http import HttpRequest
 
+from .circuit_breaker import CircuitBreaker
+from .errors import ResilienceError
 from .models import (
     ApiKey,
     BreakerPolicy,
@@ -42,16 +44,57 @@ admin.site.register(QueuePolicy, SingletonAdmin)
 admin.site.register(RetryPolicy, SingletonAdmin)
 
 
+def _breaker(row: BreakerPolicy) -> CircuitBreaker:
+    return CircuitBreaker(row.provider.name)
+
+
+def _apply(
+    modeladmin: admin.ModelAdmin, request: HttpRequest, queryset: Any, op: str
+) -> None:
+    """Run ``op`` (force_open, force_closed, reset) on each selected breaker."""
+    done = []
+    for row in queryset.select_related("provider"):
+        try:
+            getattr(_breaker(row), op)()
+        except ResilienceError as exc:
+            modeladmin.message_user(request, str(exc), messages.ERROR)
+            return
+        done.append(row.provider.name)
+    label = op.replace("_", " ")
+    modeladmin.message_user(request, f"{label}: {', '.join(done)}", messages.SUCCESS)
+
+
 @admin.register(BreakerPolicy)
 class BreakerPolicyAdmin(admin.ModelAdmin):
     list_display = (
         "provider",
+        "state",
         "failure_threshold",
         "failure_rate_percent",
         "window_seconds",
         "recovery_timeout_seconds",
         "half_open_probes",
     )
+    actions = ["force_open", "force_closed", "reset"]
+
+    @admin.display(description="state now")
+    def state(self, row: BreakerPolicy) -> str:
+        try:
+            return _breaker(row).state().state
+        except ResilienceError:
+            return "unknown (Redis unreachable)"
+
+    @admin.action(description="Force open: stop all traffic to the provider")
+    def force_open(self, request: HttpRequest, queryset: Any) -> None:
+        _apply(self, request, queryset, "force_open")
+
+    @admin.action(description="Force closed: send traffic whatever fails")
+    def force_closed(self, request: HttpRequest, queryset: Any) -> None:
+        _apply(self, request, queryset, "force_closed")
+
+    @admin.action(description="Reset: forget failures and close")
+    def reset(self, request: HttpRequest, queryset: Any) -> None:
+        _apply(self, request, queryset, "reset")
 
 
 @admin.register(ApiKey)
