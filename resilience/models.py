@@ -29,9 +29,68 @@ ON_REDIS_DOWN = [
 ]
 
 
+PER_CALLER_SCOPES = ("ip", "user", "api_key")
+
+
 def positive(field: str, value: float) -> None:
     if value <= 0:
         raise ValidationError({field: "must be greater than zero"})
+
+
+def bucket_conflict(
+    limits: "list[RateLimitPolicy]",
+) -> "tuple[RateLimitPolicy, RateLimitPolicy, str] | None":
+    """Return a per-caller bucket larger than an enabled global one, if any.
+
+    A caller's bucket above the global one can never be used up (the global
+    bucket runs dry first), so it is a mistake, not a looser limit. Returns
+    ``(per_caller, global_bucket, field)``.
+    """
+    enabled = [limit for limit in limits if limit.enabled]
+    fleet = [limit for limit in enabled if limit.scope == "global"]
+    for limit in enabled:
+        if limit.scope not in PER_CALLER_SCOPES:
+            continue
+        for bound in fleet:
+            for field in ("capacity", "refill_per_second"):
+                if getattr(limit, field) > getattr(bound, field):
+                    return limit, bound, field
+    return None
+
+
+def check_buckets(limits: "list[RateLimitPolicy]", changed: "RateLimitPolicy") -> None:
+    """Refuse ``changed`` if it makes a per-caller bucket exceed a global one."""
+    conflict = bucket_conflict(limits)
+    if conflict is None:
+        return
+    caller, bound, field = conflict
+    if changed is caller:
+        message = (
+            f"cannot be above the global bucket {bound.name!r} "
+            f"({getattr(bound, field)}): one caller could never use it"
+        )
+    elif changed is bound:
+        message = (
+            f"cannot be below the per-caller bucket {caller.name!r} "
+            f"({getattr(caller, field)}): lower that one first"
+        )
+    else:
+        return
+    raise ValidationError({field: message})
+
+
+def check_retry_fits_job(retry: "RetryPolicy", queue: "QueuePolicy") -> str | None:
+    """Return which field breaks "retries fit in one queue job", if one does.
+
+    A worker retries inside its job: a retry budget as long as the job timeout
+    would let RQ kill the job in the middle of a backoff.
+    """
+    if retry.max_total_seconds < queue.job_timeout_seconds:
+        return None
+    return (
+        f"the retry budget ({retry.max_total_seconds}s) must be below the "
+        f"queue's job timeout ({queue.job_timeout_seconds}s)"
+    )
 
 
 class SingletonPolicy(models.Model):
@@ -92,8 +151,14 @@ class RateLimitPolicy(models.Model):
             f"{self.name} ({self.scope}: {self.capacity} @ {self.refill_per_second}/s)"
         )
 
-    def clean(self) -> None:
+    def clean_own(self) -> None:
+        """Check this row alone (``policies import`` checks the rest as a set)."""
         positive("refill_per_second", self.refill_per_second)
+
+    def clean(self) -> None:
+        self.clean_own()
+        others = list(RateLimitPolicy.objects.exclude(pk=self.pk))
+        check_buckets([*others, self], changed=self)
 
 
 class PoolPolicy(SingletonPolicy):
@@ -168,11 +233,18 @@ class QueuePolicy(SingletonPolicy):
     def __str__(self) -> str:
         return f"queue: depth {self.max_depth}, {self.per_user_max} per caller"
 
-    def clean(self) -> None:
+    def clean_own(self) -> None:
+        """Check this row alone (``policies import`` checks the rest as a set)."""
         positive("max_wait_seconds", self.max_wait_seconds)
         positive("job_timeout_seconds", self.job_timeout_seconds)
         if self.per_user_max > self.max_depth:
             raise ValidationError({"per_user_max": "cannot be above max_depth"})
+
+    def clean(self) -> None:
+        self.clean_own()
+        problem = check_retry_fits_job(RetryPolicy.current(), self)
+        if problem:
+            raise ValidationError({"job_timeout_seconds": problem})
 
 
 class RetryPolicy(SingletonPolicy):
@@ -204,13 +276,20 @@ class RetryPolicy(SingletonPolicy):
     def __str__(self) -> str:
         return f"retry: {self.max_attempts} attempts within {self.max_total_seconds}s"
 
-    def clean(self) -> None:
+    def clean_own(self) -> None:
+        """Check this row alone (``policies import`` checks the rest as a set)."""
         positive("base_delay_seconds", self.base_delay_seconds)
         positive("max_total_seconds", self.max_total_seconds)
         if self.max_delay_seconds < self.base_delay_seconds:
             raise ValidationError(
                 {"max_delay_seconds": "cannot be below base_delay_seconds"}
             )
+
+    def clean(self) -> None:
+        self.clean_own()
+        problem = check_retry_fits_job(self, QueuePolicy.current())
+        if problem:
+            raise ValidationError({"max_total_seconds": problem})
 
 
 class BreakerPolicy(models.Model):

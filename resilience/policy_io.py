@@ -15,7 +15,15 @@ from django.db import models, transaction
 
 from llm.models import Provider
 
-from .models import BreakerPolicy, PoolPolicy, QueuePolicy, RateLimitPolicy, RetryPolicy
+from .models import (
+    BreakerPolicy,
+    PoolPolicy,
+    QueuePolicy,
+    RateLimitPolicy,
+    RetryPolicy,
+    bucket_conflict,
+    check_retry_fits_job,
+)
 from .policies import bump_version
 
 
@@ -110,8 +118,11 @@ def _check_keys(path: str, item: Any, section: Section) -> dict[str, Any]:
 
 
 def _validate(path: str, obj: models.Model, exclude: Iterable[str] = ()) -> None:
+    # Rows are checked alone here and against each other in _check_fleet:
+    # the model's own clean() would compare them with the rows being replaced.
     try:
-        obj.full_clean(exclude=list(exclude), validate_unique=False)
+        obj.clean_fields(exclude=list(exclude))
+        getattr(obj, "clean_own", obj.clean)()
     except ValidationError as exc:
         field, messages = next(iter(exc.message_dict.items()))
         where = f"{path}.{field}" if field != "__all__" else path
@@ -165,6 +176,31 @@ def _check_breaker_providers(
             )
 
 
+def _check_fleet(
+    lists: dict[str, list[models.Model]], singles: dict[str, models.Model]
+) -> None:
+    """Apply the cross-model rules to the policies as they would be after import."""
+    if "rate_limits" in lists:
+        limits: list[Any] = lists["rate_limits"]
+        conflict = bucket_conflict(limits)
+        if conflict is not None:
+            caller, bound, field = conflict
+            raise PolicyImportError(
+                f"rate_limits[{limits.index(caller)}].{field}: cannot be above the "
+                f"global bucket {bound.name!r} ({getattr(bound, field)})"
+            )
+    retry: Any = singles.get("retry") or RetryPolicy.current()
+    queue: Any = singles.get("queue") or QueuePolicy.current()
+    problem = check_retry_fits_job(retry, queue)
+    if problem:
+        where = (
+            "retry.max_total_seconds"
+            if "retry" in singles
+            else ("queue.job_timeout_seconds")
+        )
+        raise PolicyImportError(f"{where}: {problem}")
+
+
 def _replace_providers(new: list[models.Model]) -> None:
     keep = []
     for provider in new:
@@ -199,6 +235,7 @@ def import_policies(data: Any) -> list[str]:
     }
     if "breakers" in lists:
         _check_breaker_providers(lists["breakers"], lists.get("providers"))
+    _check_fleet(lists, singles)
 
     with transaction.atomic():
         if "providers" in lists:

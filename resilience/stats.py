@@ -104,6 +104,20 @@ def record_transition(provider: str, state: str, reason: str) -> None:
         client.ltrim(transitions_key(), 0, TRANSITIONS_KEPT - 1)
 
 
+def record_levels(now: float, levels: dict[str, int]) -> None:
+    """Keep this second's fleet-wide levels (pool in use, queue depth).
+
+    The status feed calls this once a second with what it read from Redis,
+    so the level charts fill in while any status page is open; with several
+    pages open they write the same values (sync; one round trip).
+    """
+    client: Any = redis_client.sync_client()
+    with client.pipeline(transaction=False) as pipe:
+        pipe.hset(counters_key(int(now)), mapping=levels)
+        pipe.expire(counters_key(int(now)), HISTORY_SECONDS)
+        pipe.execute()
+
+
 def recent_transitions() -> list[dict[str, Any]]:
     client: Any = redis_client.sync_client()
     entries = client.lrange(transitions_key(), 0, TRANSITIONS_KEPT - 1)
@@ -128,10 +142,18 @@ def history(now: float, seconds: int = 180) -> dict[str, Any]:
         {"t": start + i, **{k.decode(): int(v) for k, v in row.items()}}
         for i, row in enumerate(rows)
     ]
-    samples: list[float] = []
-    for bucket in range(start // 10, int(now) // 10 + 1):
-        samples += [float(v) for v in client.lrange(ttft_key(bucket), 0, -1)]
-    return {"series": series, "ttft": percentiles(samples)}
+    buckets = range(start // 10, int(now) // 10 + 1)
+    with client.pipeline(transaction=False) as pipe:
+        for bucket in buckets:
+            pipe.lrange(ttft_key(bucket), 0, -1)
+        lists = pipe.execute()
+    per_bucket = [[float(v) for v in values] for values in lists]
+    ttft_series = [
+        {"t": bucket * 10, **percentiles(values)}
+        for bucket, values in zip(buckets, per_bucket, strict=True)
+    ]
+    samples = [value for values in per_bucket for value in values]
+    return {"series": series, "ttft": percentiles(samples), "ttft_series": ttft_series}
 
 
 def percentiles(samples: list[float]) -> dict[str, float | None]:

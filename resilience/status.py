@@ -6,6 +6,7 @@ from typing import Any
 from rq import Worker
 
 from . import redis_client, stats
+from .circuit_breaker import BreakerState, CircuitBreaker
 from .queue_request_handler import rq_queue, waiting_key
 
 
@@ -23,6 +24,26 @@ def queue_status() -> dict[str, Any]:
         "workers": len(workers),
         "busy_workers": sum(1 for w in workers if w.get_state() == "busy"),
     }
+
+
+def breaker_row(state: BreakerState) -> dict[str, Any]:
+    """Return what the status page and metrics show of one breaker."""
+    return {
+        "provider": state.provider,
+        "state": state.state,
+        "failures": state.failures,
+        "window_calls": state.window_calls,
+        "window_failures": state.window_failures,
+        "next_probe_at": state.next_probe_at,
+    }
+
+
+def breaker_status() -> list[dict[str, Any]]:
+    """Return every enabled provider's breaker (blocking: reads the database)."""
+    from llm.models import Provider
+
+    names = Provider.objects.filter(enabled=True).values_list("name", flat=True)
+    return [breaker_row(CircuitBreaker(name).state()) for name in names]
 
 
 def snapshot() -> dict[str, Any]:

@@ -26,7 +26,8 @@ from prometheus_client.registry import Collector
 from redis.exceptions import RedisError
 
 from resilience import metrics as _registered  # noqa: F401  (defines the metrics)
-from resilience import redis_client
+from resilience import redis_client, status
+from resilience.connection_pool_manager import HASH_TAG
 from resilience.queue_request_handler import QUEUE_NAME, waiting_key
 
 from .identity import client_ip
@@ -53,6 +54,65 @@ class ClusterCollector(Collector):
         yield GaugeMetricFamily(
             "streamsvc_queue_jobs", "RQ jobs in the streams queue.", value=queued_jobs
         )
+        yield GaugeMetricFamily(
+            "streamsvc_pool_in_use",
+            "Direct streams holding a pool lease, fleet-wide.",
+            value=_pool_in_use(client),
+        )
+        yield _breaker_states()
+
+
+BREAKER_LEVELS = {
+    "closed": 0, "forced_closed": 0, "half_open": 1, "open": 2, "forced_open": 2,
+}  # fmt: skip
+
+
+def _pool_in_use(client: Any) -> int:
+    seconds, micros = client.time()
+    now_ms = seconds * 1000 + micros // 1000
+    return int(client.zcount(redis_client.key(HASH_TAG, "global"), now_ms, "+inf"))
+
+
+def _breaker_states() -> Metric:
+    family = GaugeMetricFamily(
+        "streamsvc_breaker_state",
+        "Circuit breaker per provider: 0 closed, 1 half-open, 2 open.",
+        labels=["provider"],
+    )
+    for entry in status.breaker_status():
+        family.add_metric([entry["provider"]], BREAKER_LEVELS.get(entry["state"], 2))
+    return family
+
+
+class _Fixed(Collector):
+    """A collector of metrics computed before the scrape is rendered."""
+
+    def __init__(self, *families: Metric) -> None:
+        self._families = families
+
+    def collect(self) -> Iterator[Metric]:
+        yield from self._families
+
+
+def local_ratio(registry: CollectorRegistry) -> Metric:
+    """Return the share of rate-limit decisions made without Redis, so far.
+
+    Derived at scrape time from the decision counter (summed over processes
+    in multiprocess mode); ``rate(...)`` over the counter gives it per window.
+    """
+    local = total = 0.0
+    for family in registry.collect():
+        if family.name != "streamsvc_rate_limit_decisions":
+            continue
+        for sample in family.samples:
+            if sample.name.endswith("_total"):
+                total += sample.value
+                local += sample.value if sample.labels["where"] == "local" else 0
+    return GaugeMetricFamily(
+        "streamsvc_rate_limit_local_ratio",
+        "Share of rate-limit decisions made from the local lease cache.",
+        value=local / total if total else 0.0,
+    )
 
 
 def _allowed(request: HttpRequest) -> bool:
@@ -87,5 +147,7 @@ def metrics(request: HttpRequest) -> HttpResponse:
         registry = REGISTRY
     cluster = CollectorRegistry()
     cluster.register(ClusterCollector())
+    ratio = local_ratio(registry)
+    cluster.register(_Fixed(ratio))
     body = generate_latest(registry) + generate_latest(cluster)
     return HttpResponse(body, content_type=CONTENT_TYPE_LATEST)

@@ -3,22 +3,35 @@
 
 const $ = (id) => document.getElementById(id);
 
-function spark(canvas, values) {
+const COLORS = ["#3366cc", "#c62828"];
+
+// Draw one or more series (null = no data) on a shared scale.
+function spark(canvas, values, ...more) {
   const ctx = canvas.getContext("2d");
   const w = (canvas.width = canvas.clientWidth);
   const h = (canvas.height = canvas.clientHeight);
   ctx.clearRect(0, 0, w, h);
-  const max = Math.max(1, ...values);
-  ctx.strokeStyle = "#3366cc";
-  ctx.beginPath();
-  values.forEach((v, i) => {
-    const x = (i / Math.max(1, values.length - 1)) * w;
-    const y = h - (v / max) * (h - 4) - 2;
-    if (i === 0) ctx.moveTo(x, y); else ctx.lineTo(x, y);
+  const all = [values, ...more];
+  const max = Math.max(1e-9, ...all.flat().filter((v) => v !== null));
+  all.forEach((series, n) => {
+    ctx.strokeStyle = COLORS[n % COLORS.length];
+    ctx.beginPath();
+    let pen = false;
+    series.forEach((v, i) => {
+      if (v === null) { pen = false; return; }
+      const x = (i / Math.max(1, series.length - 1)) * w;
+      const y = h - (v / max) * (h - 4) - 2;
+      if (pen) ctx.lineTo(x, y); else ctx.moveTo(x, y);
+      pen = true;
+    });
+    ctx.stroke();
   });
-  ctx.stroke();
   ctx.fillStyle = "#667";
-  ctx.fillText(`max ${max}`, 4, 10);
+  ctx.fillText(`max ${Number(max.toPrecision(3))}`, 4, 10);
+}
+
+function when(epoch) {
+  return epoch ? new Date(epoch * 1000).toLocaleTimeString() : "";
 }
 
 function rows(table, items) {
@@ -47,12 +60,23 @@ function render(data) {
   const t = data.history.ttft;
   $("ttft").textContent = t.p50 === null ? "–" : `${(t.p50 * 1000).toFixed(0)} ms`;
   $("ttft-count").textContent = t.p99 === null ? "" : `p99 ${(t.p99 * 1000).toFixed(0)} ms · ${t.count} samples`;
+  const series = data.history.series;
   for (const name of ["admitted", "rate_limited", "decided_local", "queued"]) {
-    spark($("chart-" + name), data.history.series.map((s) => s[name] || 0));
+    spark($("chart-" + name), series.map((s) => s[name] || 0));
   }
-  rows($("breakers"), (data.breakers || []).map((b) => [[b.provider], [b.state, b.state]]));
+  // Levels are sampled while a status page is open; gaps stay gaps.
+  for (const name of ["pool_in_use", "queue_depth"]) {
+    spark($("chart-" + name), series.map((s) => (name in s ? s[name] : null)));
+  }
+  const ttft = data.history.ttft_series || [];
+  spark($("chart-ttft"), ttft.map((b) => b.p50), ttft.map((b) => b.p99));
+  rows($("breakers"), (data.breakers || []).map((b) => [
+    [b.provider], [b.state, b.state],
+    [`${b.window_failures}/${b.window_calls} failed, ${b.failures} in a row`],
+    [b.next_probe_at ? `probe at ${when(b.next_probe_at)}` : ""],
+  ]));
   rows($("transitions"), data.transitions.map((e) => [
-    [new Date(e.at * 1000).toLocaleTimeString()], [e.provider], [e.state, e.state], [e.reason],
+    [when(e.at)], [e.provider], [e.state, e.state], [e.reason],
   ]));
 }
 

@@ -1,6 +1,8 @@
 """The live status page is for staff only, and its feed reports the queue."""
 
 import json
+import threading
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -9,8 +11,10 @@ from django.contrib.auth import get_user_model
 from django.test import Client
 
 from resilience import status
+from resilience.circuit_breaker import CircuitBreaker
 from resilience.stats import StatsBuffer, history
 from tests.conftest import LiveServer
+from tests.sse_client import chat, stream
 
 
 @pytest.mark.django_db
@@ -63,6 +67,53 @@ def test_the_feed_is_staff_only_and_streams_snapshots(
     assert "series" in data["history"]
 
 
+def staff_cookie() -> str:
+    staff = get_user_model().objects.create_superuser("ops", password="pw-ops-123")
+    client = Client()
+    client.force_login(staff)
+    return client.cookies["sessionid"].value
+
+
+def snapshots(url: str, cookie: str) -> Iterator[dict[str, Any]]:
+    with httpx.stream(
+        "GET", url + "/status/events", cookies={"sessionid": cookie}, timeout=10
+    ) as response:
+        for line in response.iter_lines():
+            if line.startswith("data: "):
+                yield json.loads(line[6:])
+
+
+@pytest.mark.timeout(60)
+def test_the_feed_shows_pool_occupancy_breakers_and_level_history(
+    daphne: LiveServer, providers: Any, redis: Any
+) -> None:
+    providers(
+        {"name": "simulated", "options": {"ttft_ms": 0, "length": 200,
+                                          "tokens_per_second": 20}},
+        {"name": "backup"},
+        pool={"global_max": 3, "per_user_max": 2},
+    )  # fmt: skip
+    CircuitBreaker("backup").force_open()
+    holder = threading.Thread(target=stream, args=(daphne.url, chat()))
+    holder.start()
+    cookie = staff_cookie()
+    seen = []
+    for data in snapshots(daphne.url, cookie):
+        seen.append(data)
+        if len(seen) >= 2 and data["pool"]["in_use"] == 1:
+            break
+    holder.join(30)
+
+    last = seen[-1]
+    assert last["pool"]["global_max"] == 3
+    assert last["pool"]["busiest"] == [{"caller": "ip:127.0.0.1", "in_use": 1}]
+    states = {b["provider"]: b["state"] for b in last["breakers"]}
+    assert states == {"simulated": "closed", "backup": "forced_open"}
+    recorded = [s for s in last["history"]["series"] if "pool_in_use" in s]
+    assert recorded and recorded[-1]["pool_in_use"] == 1
+    assert "ttft_series" in last["history"]
+
+
 async def test_counts_reach_the_shared_history(redis: Any) -> None:
     clock = [1_000_000.0]
     buffer = StatsBuffer(clock=lambda: clock[0])
@@ -73,6 +124,7 @@ async def test_counts_reach_the_shared_history(redis: Any) -> None:
     data = history(clock[0], seconds=5)
     assert data["series"][-1]["admitted"] == 3
     assert data["ttft"]["p50"] == 0.25
+    assert data["ttft_series"][-1]["p50"] == 0.25
 
 
 def test_snapshot_reports_queue_depth(redis: Any) -> None:
