@@ -3,6 +3,9 @@ from typing import Any
 from django.contrib import admin, messages
 from django.http import HttpRequest
 
+from llm.admin import ProviderAdmin
+from llm.models import Provider
+
 from .circuit_breaker import CircuitBreaker
 from .errors import ResilienceError
 from .models import (
@@ -40,8 +43,58 @@ class SingletonAdmin(admin.ModelAdmin):
 
 
 admin.site.register(PoolPolicy, SingletonAdmin)
-admin.site.register(QueuePolicy, SingletonAdmin)
-admin.site.register(RetryPolicy, SingletonAdmin)
+
+
+@admin.register(QueuePolicy)
+class QueuePolicyAdmin(SingletonAdmin):
+    fieldsets = [
+        (None, {"fields": ["enabled"]}),
+        ("Who may wait", {"fields": ["max_depth", "per_user_max"]}),
+        ("How long", {"fields": ["max_wait_seconds", "job_timeout_seconds"]}),
+    ]
+
+
+@admin.register(RetryPolicy)
+class RetryPolicyAdmin(SingletonAdmin):
+    fieldsets = [
+        (None, {"fields": ["max_attempts"]}),
+        ("Backoff", {"fields": ["base_delay_seconds", "max_delay_seconds"]}),
+        ("Budget", {"fields": ["max_total_seconds"]}),
+    ]
+
+
+BREAKER_FIELDSETS = [
+    ("When to open", {"fields": [
+        "failure_threshold", "failure_rate_percent", "window_seconds",
+        "minimum_calls",
+    ]}),
+    ("How to recover", {"fields": [
+        "recovery_timeout_seconds", "half_open_probes", "probe_timeout_seconds",
+    ]}),
+]  # fmt: skip
+
+
+class BreakerInline(admin.StackedInline):
+    """The provider's breaker, edited on the provider's own page."""
+
+    model = BreakerPolicy
+    can_delete = False
+    extra = 0
+    max_num = 1
+    fieldsets = BREAKER_FIELDSETS
+
+
+admin.site.unregister(Provider)
+
+
+@admin.register(Provider)
+class ProviderWithBreakerAdmin(ProviderAdmin):
+    inlines = [BreakerInline]
+
+    def get_inlines(self, request: HttpRequest, obj: Any = None) -> list[Any]:
+        # A new provider gets its default breaker from a signal on save;
+        # an inline form on the add page would try to create a second one.
+        return [BreakerInline] if obj is not None else []
 
 
 def _breaker(row: BreakerPolicy) -> CircuitBreaker:
@@ -76,6 +129,7 @@ class BreakerPolicyAdmin(admin.ModelAdmin):
         "half_open_probes",
     )
     actions = ["force_open", "force_closed", "reset"]
+    fieldsets = [(None, {"fields": ["provider"]}), *BREAKER_FIELDSETS]
 
     @admin.display(description="state now")
     def state(self, row: BreakerPolicy) -> str:

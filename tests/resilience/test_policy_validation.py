@@ -185,3 +185,37 @@ def test_import_accepts_both_sides_moved_together() -> None:
         {"retry": {"max_total_seconds": 700}, "queue": {"job_timeout_seconds": 900}}
     )
     assert RetryPolicy.current().max_total_seconds == 700
+
+
+def test_a_provider_and_its_breaker_are_edited_on_one_page(
+    admin_client: Client,
+) -> None:
+    added = admin_client.post(
+        "/admin/llm/provider/add/",
+        {"name": "spare", "kind": "simulated", "order": 5, "enabled": "on",
+         "options": "{}"},
+    )  # fmt: skip
+    assert added.status_code == 302
+    provider = Provider.objects.get(name="spare")
+    breaker = BreakerPolicy.objects.get(provider=provider)
+    page = admin_client.get(f"/admin/llm/provider/{provider.pk}/change/")
+    assert b"How to recover" in page.content
+    prefix = "breaker"
+    changed = admin_client.post(
+        f"/admin/llm/provider/{provider.pk}/change/",
+        {
+            "name": "spare", "kind": "simulated", "order": 5, "enabled": "on",
+            "options": "{}",
+            f"{prefix}-TOTAL_FORMS": 1, f"{prefix}-INITIAL_FORMS": 1,
+            f"{prefix}-MIN_NUM_FORMS": 0, f"{prefix}-MAX_NUM_FORMS": 1,
+            f"{prefix}-0-id": breaker.pk, f"{prefix}-0-provider": provider.pk,
+            f"{prefix}-0-failure_threshold": 2,
+            f"{prefix}-0-failure_rate_percent": 50,
+            f"{prefix}-0-window_seconds": 30, f"{prefix}-0-minimum_calls": 10,
+            f"{prefix}-0-recovery_timeout_seconds": 30,
+            f"{prefix}-0-half_open_probes": 1,
+            f"{prefix}-0-probe_timeout_seconds": 30,
+        },
+    )  # fmt: skip
+    assert changed.status_code == 302, changed.content.decode()[-2000:]
+    assert BreakerPolicy.objects.get(provider=provider).failure_threshold == 2
