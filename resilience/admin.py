@@ -63,7 +63,7 @@ class RetryPolicyAdmin(SingletonAdmin):
     ]
 
 
-BREAKER_FIELDSETS = [
+BREAKER_FIELDSETS: list[Any] = [
     ("When to open", {"fields": [
         "failure_threshold", "failure_rate_percent", "window_seconds",
         "minimum_calls",
