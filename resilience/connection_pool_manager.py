@@ -57,6 +57,7 @@ from redis.exceptions import NoScriptError, RedisError
 
 from . import redis_client
 from .errors import ResilienceError
+from .streams import run_to_end
 
 logger = logging.getLogger(__name__)
 
@@ -588,7 +589,7 @@ class PoolHold:
             self._renewer.cancel()
         # A cancel we requested but that landed only after the body ended
         # is caught here too, and dropped below: the body finished.
-        cancelled = await _run_to_end(self._cleanup)
+        cancelled = await run_to_end(self._cleanup)
         if self._ours_alone():
             if exc_type is asyncio.CancelledError:
                 raise LeaseLost("connection pool lease lost") from exc
@@ -622,21 +623,6 @@ class PoolHold:
         if self._interrupt and self._in_body and self._task is not None:
             self._interrupted = True
             self._task.cancel()
-
-
-async def _run_to_end(
-    work: Callable[[], Awaitable[None]],
-) -> asyncio.CancelledError | None:
-    """Await ``work`` to its end through cancellations; return the last one."""
-    future = asyncio.ensure_future(work())
-    caught: asyncio.CancelledError | None = None
-    while not future.done():
-        try:
-            await asyncio.shield(future)
-        except asyncio.CancelledError as exc:
-            caught = exc
-    future.result()
-    return caught
 
 
 def _scope(raw: bytes | str) -> Scope:

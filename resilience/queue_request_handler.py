@@ -57,6 +57,11 @@ POSITION_EVERY = 1.0
 # A job started but not yet heartbeating is given this long before it is
 # declared lost.
 START_GRACE_SECONDS = 5.0
+# A follower that cannot reach Redis for this long ends its stream with
+# ``queue_unavailable`` rather than wait in silence (C21).
+OUTAGE_SECONDS = 5.0
+# A withdrawal that failed is retried once a second this many times.
+WITHDRAW_ATTEMPTS = 60
 
 
 @dataclass(frozen=True)
@@ -247,8 +252,11 @@ async def position(request_id: str) -> int | None:
     return None if rank is None else int(rank) + 1
 
 
-async def withdraw(payload: JobPayload) -> None:
-    """The client left: remove its job if queued, stop it if running."""
+async def withdraw(payload: JobPayload) -> bool:
+    """The client left: remove its job if queued, stop it if running.
+
+    Return False if Redis could not be reached; ``withdraw_later`` retries.
+    """
     try:
         client = redis_client.async_client()
         await client.set(cancel_key(payload.request_id), "1", ex=3600)
@@ -256,6 +264,30 @@ async def withdraw(payload: JobPayload) -> None:
         await asyncio.to_thread(_cancel_job, payload.request_id)
     except (RedisError, OSError) as exc:
         logger.warning("queue: could not withdraw %s (%s)", payload.request_id, exc)
+        return False
+    return True
+
+
+_withdrawals: set[asyncio.Task[None]] = set()
+
+
+def withdraw_later(payload: JobPayload, attempts: int = WITHDRAW_ATTEMPTS) -> None:
+    """Keep trying to withdraw in the background, once a second.
+
+    Without it a request whose client left during a Redis outage would keep
+    its place in line and later run for nobody.
+    """
+
+    async def retry() -> None:
+        for _ in range(attempts):
+            await asyncio.sleep(1.0)
+            if await withdraw(payload):
+                return
+        logger.warning("queue: gave up withdrawing %s", payload.request_id)
+
+    task = asyncio.get_running_loop().create_task(retry())
+    _withdrawals.add(task)
+    task.add_done_callback(_withdrawals.discard)
 
 
 def _cancel_job(request_id: str) -> None:
@@ -318,29 +350,70 @@ class Follower:
         self.started_at: float | None = None
         self.finished = False
         self._inbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self._last_position = ticket.position
+        self._next_position_check = clock() + POSITION_EVERY
+        self._failing_since: float | None = None
 
     async def events(self) -> AsyncGenerator[StreamEvent, None]:
-        """Yield ``queued`` updates, then the worker's events, then stop."""
+        """Yield ``queued`` updates, then the worker's events, then stop.
+
+        Redis errors while following are retried for ``OUTAGE_SECONDS``;
+        the journal makes up for anything missed meanwhile. A longer outage
+        ends the stream with ``queue_unavailable``.
+        """
         receiver = asyncio.ensure_future(self._receive())
         try:
             yield events.queued(self.payload.request_id, self.ticket.position)
-            async for event in self._follow():
+            async for event in self._follow_through_outages():
                 yield event
                 if event.terminal:
-                    self.finished = True
+                    # Out of touch with Redis, the job may still be queued:
+                    # the consumer withdraws it after the last event is out.
+                    self.finished = self._failing_since is None
                     return
         finally:
             receiver.cancel()
             await asyncio.gather(receiver, return_exceptions=True)
 
-    async def _receive(self) -> None:
+    async def _follow_through_outages(self) -> AsyncIterator[StreamEvent]:
         while True:
-            message = await self.layer.receive(self.channel)
+            try:
+                async for event in self._follow():
+                    yield event
+                    if event.terminal:
+                        return
+            except (RedisError, OSError) as exc:
+                if self._outage_too_long(exc):
+                    yield events.error(
+                        "queue_unavailable", "lost contact with the queue (Redis)"
+                    )
+                    return
+                await asyncio.sleep(CHECK_EVERY)
+
+    def _outage_too_long(self, exc: Exception) -> bool:
+        now = self.clock()
+        if self._failing_since is None:
+            self._failing_since = now
+            logger.warning(
+                "queue %s: Redis unreachable while following (%s)",
+                self.payload.request_id,
+                exc,
+            )
+        return now - self._failing_since >= OUTAGE_SECONDS
+
+    async def _receive(self) -> None:
+        # A channel-layer error must not end the receiver for good: the
+        # journal fills what is missed while Redis is away.
+        while True:
+            try:
+                message = await self.layer.receive(self.channel)
+            except (RedisError, OSError) as exc:
+                logger.debug("queue %s: receive failed (%s)", self.channel, exc)
+                await asyncio.sleep(CHECK_EVERY)
+                continue
             await self._inbox.put(message)
 
     async def _follow(self) -> AsyncIterator[StreamEvent]:
-        last_position = self.ticket.position
-        next_position_check = self.clock() + POSITION_EVERY
         while True:
             try:
                 async with asyncio.timeout(CHECK_EVERY):
@@ -357,14 +430,11 @@ class Follower:
                 yield event
                 if event.terminal:
                     return
-            if self.started_at is None and self.clock() >= next_position_check:
-                next_position_check = self.clock() + POSITION_EVERY
+            if self.started_at is None and self.clock() >= self._next_position_check:
+                self._next_position_check = self.clock() + POSITION_EVERY
                 place = await position(self.payload.request_id)
                 if place is None:
                     self.started_at = self.clock()
-                elif place != last_position:
-                    last_position = place
-                    yield events.queued(self.payload.request_id, place)
                 elif self._waited_too_long():
                     await withdraw(self.payload)
                     yield events.error(
@@ -372,6 +442,10 @@ class Follower:
                         f"waited more than {self.payload.max_wait_seconds:g} s",
                     )
                     return
+                elif place != self._last_position:
+                    self._last_position = place
+                    yield events.queued(self.payload.request_id, place)
+            self._failing_since = None
             if self.started_at is not None and await self._worker_lost():
                 for event in await self._catch_up():
                     yield event

@@ -1,7 +1,7 @@
 """Helpers for async streams of events."""
 
 import asyncio
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from typing import TypeVar
 
 T = TypeVar("T")
@@ -36,3 +36,23 @@ async def with_heartbeats(
             pending.cancel()
             await asyncio.gather(pending, return_exceptions=True)
         await source.aclose()
+
+
+async def run_to_end(
+    work: Callable[[], Awaitable[None]],
+) -> asyncio.CancelledError | None:
+    """Await ``work`` to its end through cancellations; return the last one.
+
+    For cleanup that must finish (a lease release, a queue withdrawal) even
+    when the task running it is cancelled again meanwhile; the caller
+    re-raises the returned cancellation once the work is done.
+    """
+    future = asyncio.ensure_future(work())
+    caught: asyncio.CancelledError | None = None
+    while not future.done():
+        try:
+            await asyncio.shield(future)
+        except asyncio.CancelledError as exc:
+            caught = exc
+    future.result()
+    return caught

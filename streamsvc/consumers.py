@@ -51,6 +51,7 @@ from resilience.queue_request_handler import (
     QueueUnavailable,
     submit,
     withdraw,
+    withdraw_later,
 )
 from resilience.rate_limiter import (
     AsyncRateLimiter,
@@ -59,7 +60,7 @@ from resilience.rate_limiter import (
     Decision,
     RateLimiterUnavailable,
 )
-from resilience.streams import with_heartbeats
+from resilience.streams import run_to_end, with_heartbeats
 
 from .errors import ApiError
 from .identity import Identity, identify
@@ -270,7 +271,10 @@ class ChatStreamConsumer(AsyncHttpConsumer):
         channel: str | None = None
         try:
             channel = await layer.new_channel()
-            await layer.group_add(payload.group, channel)
+            # The layer's own read timeout must outlast its blocking
+            # receive, so bound the join here (C21).
+            async with asyncio.timeout(settings.REDIS_TIMEOUT_SECONDS * 2):
+                await layer.group_add(payload.group, channel)
             ticket = await submit(payload, snapshot.queue, time.monotonic)
         except (QueueFull, QueueUnavailable) as exc:
             await self._discard(layer, payload.group, channel)
@@ -279,8 +283,9 @@ class ChatStreamConsumer(AsyncHttpConsumer):
                 ApiError(503, exc.code, exc.message, exc.retry_after_seconds),
             )
             return
-        except (RedisError, OSError) as exc:
+        except (RedisError, OSError, TimeoutError) as exc:
             logger.warning("stream %s: channel layer unreachable (%s)", request_id, exc)
+            await self._discard(layer, payload.group, channel)
             await self._refuse(
                 request_id,
                 ApiError(503, "queue_unavailable", "the queue is unreachable"),
@@ -298,18 +303,27 @@ class ChatStreamConsumer(AsyncHttpConsumer):
             await self._open_stream(writer)
             await self._relay(follower.events(), writer, recorder)
         finally:
-            if not follower.finished:
-                await withdraw(payload)
-            await self._discard(layer, payload.group, channel)
+
+            async def leave() -> None:
+                if not follower.finished and not await withdraw(payload):
+                    withdraw_later(payload)
+                await self._discard(layer, payload.group, channel)
+
+            # A disconnect may cancel us again mid-cleanup: finish it anyway.
+            cancelled = await run_to_end(leave)
             self._log_end(request_id, recorder)
+            if cancelled is not None:
+                raise cancelled
         await self.send_body(b"", more_body=False)
 
     @staticmethod
     async def _discard(layer: Any, group: str, channel: str | None) -> None:
         if channel is None:
             return
-        with contextlib.suppress(RedisError, OSError):
-            await layer.group_discard(group, channel)
+        # Best effort: group membership expires by itself in the layer.
+        with contextlib.suppress(RedisError, OSError, TimeoutError):
+            async with asyncio.timeout(settings.REDIS_TIMEOUT_SECONDS * 2):
+                await layer.group_discard(group, channel)
 
     async def _admit(self, body: bytes) -> tuple[ChatRequest, ProviderEntry, Snapshot]:
         if self.scope.get("method") != "POST":
@@ -386,13 +400,17 @@ class ChatStreamConsumer(AsyncHttpConsumer):
     ) -> None:
         """Send events as SSE with heartbeats, up to exactly one terminal."""
         interval = conf.number("HEARTBEAT_SECONDS")
-        async for event in with_heartbeats(source, interval):
-            if event is None:
-                await self.send_body(writer.comment("ping"), more_body=True)
-                continue
-            await self._send_event(writer, recorder, event)
-            if event.terminal:
-                return
+        try:
+            async for event in with_heartbeats(source, interval):
+                if event is None:
+                    await self.send_body(writer.comment("ping"), more_body=True)
+                    continue
+                await self._send_event(writer, recorder, event)
+                if event.terminal:
+                    return
+        except Exception:
+            # A bug in a source must still end the stream with an event.
+            logger.exception("stream: the event source failed")
         await self._send_event(
             writer,
             recorder,

@@ -168,7 +168,19 @@ REDIS_KEY_PREFIX = os.environ.get("REDIS_KEY_PREFIX", "streamsvc")
 CHANNEL_LAYERS: dict[str, dict[str, Any]] = {
     "default": {
         "BACKEND": "channels_redis.core.RedisChannelLayer",
-        "CONFIG": {"hosts": [REDIS_URL], "prefix": f"{REDIS_KEY_PREFIX}:asgi"},
+        "CONFIG": {
+            # The layer's receive blocks in BZPOPMIN for up to 5 s, so its
+            # read timeout must be longer; the consumer bounds its own calls
+            # with REDIS_TIMEOUT_SECONDS (C21).
+            "hosts": [
+                {
+                    "address": REDIS_URL,
+                    "socket_connect_timeout": REDIS_TIMEOUT_SECONDS,
+                    "socket_timeout": 8,
+                }
+            ],
+            "prefix": f"{REDIS_KEY_PREFIX}:asgi",
+        },
     },
 }
 

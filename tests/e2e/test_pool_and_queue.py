@@ -210,3 +210,76 @@ def test_bad_requests_take_no_pool_slot(
     )
     assert response.status_code == 400
     assert pool_in_use(redis) == 0
+
+
+def read_until_terminal(url: str, body: dict[str, Any]) -> tuple[list[Any], float]:
+    """Read events until the first done/error; return them and when it came."""
+    from tests.sse_client import StreamResult, collect
+
+    with (
+        httpx.Client(base_url=url, timeout=30) as client,
+        client.stream("POST", "/api/v1/chat/stream", json=body) as response,
+    ):
+        result = StreamResult(response.status_code, response.headers)
+        for piece in response.iter_raw():
+            collect(response, result, piece)
+            if result.events and result.events[-1][0] in ("done", "error"):
+                return result.events, time.monotonic()
+    return result.events, time.monotonic()
+
+
+def test_c21_a_queued_stream_ends_with_queue_unavailable_when_redis_stops(
+    daphne: LiveServer, providers: Configure, redis: Any
+) -> None:
+    providers(
+        {"name": "simulated", "options": {**SLOW, "length": 400}},
+        pool={"global_max": 1, "per_user_max": 1},
+    )
+    holder, _ = in_background(daphne.url, chat("holder", max_tokens=200))
+    assert wait_until(lambda: pool_in_use(redis) == 1)
+    box: dict[str, Any] = {}
+
+    def wait_in_line() -> None:
+        box["events"], box["ended"] = read_until_terminal(daphne.url, chat("w"))
+
+    waiter = threading.Thread(target=wait_in_line)
+    waiter.start()
+    assert wait_until(lambda: redis.zcard(key("queue", "{q}", "waiting")) == 1)
+
+    paused_at = time.monotonic()
+    redis.execute_command("CLIENT", "PAUSE", "12000")
+    waiter.join(30)
+
+    names = [name for name, _ in box["events"]]
+    assert names[0] == "queued"
+    assert box["events"][-1] == (
+        "error",
+        {"code": "queue_unavailable", "message": "lost contact with the queue "
+         "(Redis)", "retry_after": None},
+    )  # fmt: skip
+    # Ended during the pause, not after it: no silent wait on a dead Redis.
+    assert box["ended"] - paused_at < 11
+    # Once Redis answers again the job is withdrawn and nothing is left over.
+    assert wait_until(lambda: redis.zcard(key("queue", "{q}", "waiting")) == 0, 15)
+    assert wait_until(lambda: redis.llen("rq:queue:streams") == 0, 5)
+    holder.join(40)
+
+
+def test_c21_with_redis_paused_a_full_pool_answers_queue_unavailable(
+    daphne: LiveServer, providers: Configure, redis: Any
+) -> None:
+    providers(
+        {"name": "simulated", "options": SLOW},
+        pool={"global_max": 1, "per_user_max": 1},
+    )
+    redis.execute_command("CLIENT", "PAUSE", "6000")
+    paused_at = time.monotonic()
+    # The pool falls back to this instance's own count, which the holder fills.
+    holder, box = in_background(daphne.url, chat("holder"))
+    time.sleep(1.5)
+    refused = stream(daphne.url, chat("overflow"))
+    assert refused.status == 503
+    assert refused.body["error"]["code"] == "queue_unavailable"
+    assert time.monotonic() - paused_at < 5.5
+    holder.join(40)
+    assert box["result"].last()[0] == "done"
