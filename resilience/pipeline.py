@@ -14,6 +14,7 @@ import logging
 import math
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from contextlib import aclosing
+from dataclasses import replace
 
 from llm.base import ChatRequest, Finish, StreamItem, TextDelta
 from llm.errors import LLMError, PermanentError
@@ -67,8 +68,9 @@ async def stream_events(
     """
     retrier = retrier or Retrier(retry)
     unavailable = _Unavailable()
-    for entry in candidates:
-        outcome = _ProviderRun(request, entry, request_id)
+    for index, entry in enumerate(candidates):
+        asked = request if index == 0 else for_fallback(request, entry)
+        outcome = _ProviderRun(asked, entry, request_id)
         try:
             async for event in outcome.events(retrier, item_timeout):
                 yield event
@@ -85,6 +87,20 @@ async def stream_events(
             yield events.error("internal_error", "the stream failed unexpectedly")
             return
     yield unavailable.event()
+
+
+def for_fallback(request: ChatRequest, entry: ProviderEntry) -> ChatRequest:
+    """Adapt a request to a fallback provider.
+
+    The model a client names belongs to the provider it asked for (another
+    provider would refuse it with a 404), so a fallback answers with its own
+    default model; ``max_tokens`` is capped at what the fallback allows.
+    """
+    limit = entry.adapter.max_tokens_limit
+    max_tokens = request.max_tokens
+    if max_tokens is not None:
+        max_tokens = min(max_tokens, limit)
+    return replace(request, model=None, max_tokens=max_tokens)
 
 
 class _ProviderRun:

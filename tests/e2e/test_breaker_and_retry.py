@@ -98,6 +98,26 @@ def test_fallback_moves_to_the_next_provider_and_start_names_it(
     assert state("up").failures == 2
 
 
+def test_fallback_follows_order_and_uses_the_fallbacks_own_model(
+    daphne: LiveServer, providers: Configure, fake_openai: FakeOpenAI
+) -> None:
+    providers(
+        # Created first but ordered last: order, not creation, decides.
+        upstream(fake_openai, "spare", model="spare-model", max_tokens=50)
+        | {"order": 9},
+        {"name": "broken", "order": 1, "options": {"fault": "server_error"}},
+        {"name": "never", "order": 20, "options": {"ttft_ms": 0}},
+        retry={"max_attempts": 1},
+    )
+    result = stream(daphne.url, chat(model="client-model", max_tokens=100))
+    assert result.events[0][1]["provider"] == "spare"
+    assert result.events[0][1]["model"] == "spare-model"
+    assert result.last()[0] == "done"
+    # The model the client named belongs to the provider it asked for.
+    assert fake_openai.requests[0]["model"] == "spare-model"
+    assert fake_openai.requests[0]["max_tokens"] == 50
+
+
 def test_c19_both_providers_failing_both_breakers_record_it(
     daphne: LiveServer, providers: Configure, fake_openai: FakeOpenAI
 ) -> None:
