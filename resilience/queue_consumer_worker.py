@@ -154,6 +154,7 @@ async def _deadline(
     """End the stream with an error event if the job runs past its timeout."""
     deadline = time.monotonic() + seconds
     iterator = aiter(source)
+    started = False
     while True:
         try:
             async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
@@ -161,8 +162,12 @@ async def _deadline(
         except StopAsyncIteration:
             return
         except TimeoutError:
-            yield events.error("upstream_error", "the answer took too long")
+            # Before any text the provider never answered in time; after,
+            # the answer was cut short (the README's two codes).
+            code = "upstream_error" if started else "provider_unavailable"
+            yield events.error(code, "the answer took longer than the job timeout")
             return
+        started = started or event.name == events.TOKEN
         yield event
 
 
