@@ -296,7 +296,11 @@ class BreakerPolicy(models.Model):
     """The circuit breaker settings of one provider."""
 
     provider = models.OneToOneField(
-        Provider, on_delete=models.CASCADE, related_name="breaker"
+        Provider,
+        on_delete=models.CASCADE,
+        related_name="breaker",
+        help_text="The provider this breaker guards; every instance and worker "
+        "shares its state through Redis.",
     )
     failure_threshold = models.PositiveIntegerField(
         default=5,
@@ -361,14 +365,25 @@ class ApiKey(models.Model):
     PREFIX = "sk-ss-"
 
     user = models.ForeignKey(
-        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="api_keys"
+        settings.AUTH_USER_MODEL,
+        on_delete=models.CASCADE,
+        related_name="api_keys",
+        help_text="Requests with the key count as this user for user-scoped "
+        "limits and the per-caller pool cap.",
     )
     name = models.CharField(max_length=100, blank=True, help_text="What it is for.")
     prefix = models.CharField(
         max_length=16, editable=False, help_text="The key's first characters."
     )
-    key_hash = models.CharField(max_length=64, unique=True, editable=False)
-    created_at = models.DateTimeField(default=timezone.now, editable=False)
+    key_hash = models.CharField(
+        max_length=64,
+        unique=True,
+        editable=False,
+        help_text="SHA-256 of the key; the key itself is never stored.",
+    )
+    created_at = models.DateTimeField(
+        default=timezone.now, editable=False, help_text="When the key was issued."
+    )
     revoked_at = models.DateTimeField(
         null=True, blank=True, help_text="Set to revoke: the key stops working."
     )
