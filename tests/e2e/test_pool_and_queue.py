@@ -283,3 +283,21 @@ def test_c21_with_redis_paused_a_full_pool_answers_queue_unavailable(
     assert time.monotonic() - paused_at < 5.5
     holder.join(40)
     assert box["result"].last()[0] == "done"
+
+
+def test_c02_a_request_waiting_in_line_gets_heartbeats(
+    daphne: LiveServer, providers: Configure, redis: Any
+) -> None:
+    providers(
+        {"name": "simulated", "options": SLOW},
+        pool={"global_max": 1, "per_user_max": 1},
+        queue={"max_wait_seconds": 2.5},
+    )
+    holder, _ = in_background(daphne.url, chat("holder"))
+    assert wait_until(lambda: pool_in_use(redis) == 1)
+    waited = stream(daphne.url, chat("patient"))
+    assert waited.names() == ["queued", "error"]
+    # The live server beats every 0.5 s while nothing else is sent.
+    between = waited.raw.split(b"event: queued")[1].split(b"event: error")[0]
+    assert between.count(b": ping\n\n") >= 3
+    holder.join(30)
