@@ -139,11 +139,13 @@ return {1, redis.call('ZRANK', KEYS[1], ARGV[1]) + 1}
 # Mark a job started: leave the line and start the heartbeat in one step.
 # KEYS[1] waiting zset, KEYS[2] caller zset, KEYS[3] heartbeat key,
 # KEYS[4] cancel flag. ARGV[1] request id, ARGV[2] heartbeat ttl ms.
-# Returns 0 when the request was cancelled before it started, else 1.
+# Returns 0 when the request was cancelled or is no longer in line (its
+# client withdrew it, or its reservation went stale because the API instance
+# holding the client died), else 1: nobody would read that answer.
 START = """
-redis.call('ZREM', KEYS[1], ARGV[1])
+local in_line = redis.call('ZREM', KEYS[1], ARGV[1])
 redis.call('ZREM', KEYS[2], ARGV[1])
-if redis.call('EXISTS', KEYS[4]) == 1 then return 0 end
+if in_line == 0 or redis.call('EXISTS', KEYS[4]) == 1 then return 0 end
 redis.call('SET', KEYS[3], 'running', 'PX', ARGV[2])
 return 1
 """
