@@ -351,7 +351,9 @@ class ChatStreamConsumer(AsyncHttpConsumer):
             raise ApiError(
                 503,
                 "provider_unavailable",
-                "every provider is failing; retry when the next probe is due",
+                "circuit open for "
+                + ", ".join(entry.config.name for entry in candidates)
+                + "; retry when the next probe is due",
                 max(1, math.ceil(soonest)),
             )
 

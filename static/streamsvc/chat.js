@@ -33,11 +33,12 @@ function addEntry(role, text) {
   return item;
 }
 
-function startCountdown(seconds) {
+// Count down a Retry-After: a rate limit refilling, or a breaker's next probe.
+function startCountdown(seconds, state = "rate_limited", label = "rate limited — retry in") {
   clearInterval(countdown);
   let left = seconds;
   const tick = () => {
-    setState("rate_limited", `rate limited — retry in ${left}s`);
+    setState(state, `${label} ${left}s`);
     if (left <= 0) {
       clearInterval(countdown);
       setState("idle", "ready");
@@ -118,6 +119,9 @@ async function send(prompt) {
       textEl.textContent = `[${err.code}] ${err.message}`;
       if (err.code === "rate_limited" && err.retry_after) {
         startCountdown(err.retry_after);
+      } else if (err.code === "provider_unavailable" && err.retry_after) {
+        startCountdown(err.retry_after, "provider_unavailable",
+                       `provider unavailable (${err.message}) — next probe in`);
       } else if (err.code === "provider_unavailable") {
         setState("provider_unavailable", `provider unavailable — ${err.message}`);
       } else {

@@ -1,4 +1,4 @@
-"""The live status page renders its feed in a real browser."""
+"""What an operator watches in a real browser: the status page, a breaker."""
 
 from collections.abc import Callable
 from typing import Any
@@ -11,7 +11,7 @@ from selenium.webdriver.remote.webdriver import WebDriver
 
 from resilience.circuit_breaker import CircuitBreaker
 from tests.conftest import LiveServer
-from tests.e2e.test_browser import browser, wait_for
+from tests.e2e.test_browser import browser, send, state, wait_for
 
 __all__ = ["browser"]  # the fixture, shared with the chat page tests
 
@@ -45,3 +45,24 @@ def test_the_status_page_shows_live_pool_and_breakers(
     assert browser.find_element(By.ID, "feed-state").text.startswith("live")
     transitions = browser.find_element(By.ID, "transitions").text
     assert "backup" in transitions
+
+
+def test_the_chat_page_counts_down_to_an_open_breakers_next_probe(
+    browser: WebDriver, daphne: LiveServer, providers: Callable[..., None]
+) -> None:
+    providers(
+        {"name": "simulated", "options": {"ttft_ms": 0, "fault": "server_error"}},
+        retry={"max_attempts": 1},
+        breakers={"simulated": {"failure_threshold": 1,
+                                "recovery_timeout_seconds": 30}},
+    )  # fmt: skip
+    browser.get(daphne.url + "/")
+    send(browser, "trip it")
+    wait_for(browser, lambda d: state(d) == "error: provider_unavailable")
+    send(browser, "again")
+    wait_for(browser, lambda d: "next probe in" in state(d))
+    first = state(browser)
+    assert "circuit open" in first
+    wait_for(browser, lambda d: state(d) != first, timeout=5)
+    left = [int(s.rstrip("s")) for s in (first.split()[-1], state(browser).split()[-1])]
+    assert 20 <= left[1] < left[0] <= 30
