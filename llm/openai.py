@@ -5,6 +5,8 @@ connections bound to the loop that opened them, and daphne runs one loop
 while each RQ job runs its own.
 """
 
+import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -41,6 +43,8 @@ DEFAULTS: dict[str, Any] = {
 }
 
 REJECTED_STATUSES = frozenset({400, 401, 403, 404, 422})
+# How long to wait for the end of a body after ``[DONE]`` (see ``_drain``).
+DRAIN_SECONDS = 0.5
 
 
 class OpenAIProvider:
@@ -142,8 +146,10 @@ class OpenAIProvider:
         finish_reason: str | None = None
         usage: Usage | None = None
         emitted = 0
-        async for event in aiter_events(response.aiter_bytes()):
+        events = aiter_events(response.aiter_bytes())
+        async for event in events:
             if event.data.strip() == "[DONE]":
+                await _drain(events)
                 usage = usage or Usage(0, emitted, emitted)
                 yield Finish(finish_reason or "stop", usage)
                 return
@@ -192,6 +198,20 @@ class OpenAIProvider:
         else:
             return ProviderRejected(message, provider=self.name, status=status)
         return cls(message, provider=self.name, status=status, retry_after=retry_after)
+
+
+async def _drain(rest: AsyncIterator[Any]) -> None:
+    """Read what follows ``[DONE]`` so httpx can pool the connection.
+
+    A response closed before the end of its body takes its connection with
+    it: every request would pay a new TCP and TLS handshake. The body
+    normally ends right after ``[DONE]``; one that does not within
+    ``DRAIN_SECONDS`` is given up (and its connection closed).
+    """
+    with contextlib.suppress(TimeoutError, httpx.HTTPError, LLMError):
+        async with asyncio.timeout(DRAIN_SECONDS):
+            async for _ in rest:
+                pass
 
 
 def _usage(chunk: dict[str, Any]) -> Usage | None:

@@ -139,12 +139,15 @@ class _ProviderRun:
         yield events.error(code, "the provider stream ended without finishing")
 
     def failure(self, exc: LLMError) -> StreamEvent:
+        # The provider's own words may quote the prompt: DEBUG only.
         logger.info(
-            "stream %s: provider %s failed (%s)",
+            "stream %s: provider %s failed (%s, status %s)",
             self.request_id,
             self.entry.config.name,
-            exc.message,
+            type(exc).__name__,
+            exc.status,
         )
+        logger.debug("stream %s: provider said %s", self.request_id, exc.message)
         if self.started:
             return events.error("upstream_error", f"provider failed: {exc.message}")
         return events.error("provider_rejected", f"provider refused: {exc.message}")

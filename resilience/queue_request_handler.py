@@ -40,6 +40,7 @@ from redis.exceptions import RedisError
 from rq import Queue
 from rq.exceptions import NoSuchJobError
 from rq.job import Job, JobStatus
+from rq.results import Result
 
 from . import events, redis_client
 from .errors import ResilienceError
@@ -311,6 +312,9 @@ def _mark_lost(request_id: str, reason: str) -> None:
         return
     queue = rq_queue()
     queue.started_job_registry.remove_executions(job)
+    # The registry entry alone keeps no reason; a failed Result does, where
+    # RQ's dashboard and ``job.latest_result()`` look for it.
+    Result.create_failure(job, 86400, exc_string=reason)
     queue.failed_job_registry.add(job, ttl=86400, exc_string=reason)
     job.set_status(JobStatus.FAILED)
 

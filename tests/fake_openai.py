@@ -74,6 +74,7 @@ class FakeOpenAI:
         )
         self.requests: list[dict[str, Any]] = []
         self.open_connections = 0
+        self.accepted = 0
         self.in_flight = 0
         self.aborted = 0
         self.completed = 0
@@ -118,6 +119,7 @@ class FakeOpenAI:
             def setup(self) -> None:
                 super().setup()
                 fake.count("open_connections", 1)
+                fake.count("accepted", 1)
 
             def finish(self) -> None:
                 try:

@@ -13,6 +13,7 @@ from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.support.ui import WebDriverWait
 
 from tests.conftest import LiveServer
+from tests.fake_openai import FakeOpenAI, text_plan
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -48,6 +49,13 @@ def browser() -> Iterator[WebDriver]:
 
 def state(driver: WebDriver) -> str:
     return driver.find_element(By.ID, "state").text
+
+
+def ended_state(driver: WebDriver) -> str | None:
+    """Return the page's state once the answer has ended, else None."""
+    value = driver.find_element(By.ID, "state").get_attribute("data-state")
+    busy = ("idle", "connecting", "queued", "streaming")
+    return None if value in busy else value
 
 
 def wait_for(driver: WebDriver, check: Callable[[WebDriver], Any], timeout: float = 20):
@@ -112,6 +120,31 @@ def test_a_cut_off_answer_is_marked(
     send(browser, "cut me")
     wait_for(browser, lambda d: state(d).startswith("cut off"))
     assert browser.find_elements(By.CSS_SELECTOR, "#history li.cut-off")
+
+
+def test_c17_an_answer_cut_off_before_any_text_is_not_shown_as_done(
+    daphne: LiveServer,
+    providers: Configure,
+    fake_openai: FakeOpenAI,
+    browser: WebDriver,
+) -> None:
+    # The simulated provider always sends at least one token before `length`.
+    fake_openai.planner = lambda body: text_plan([], finish="length")
+    providers(
+        {
+            "name": "upstream",
+            "kind": "openai",
+            "options": {"base_url": fake_openai.base_url},
+        }
+    )
+    browser.get(daphne.url + "/")
+    send(browser, "think too long")
+    ended = wait_for(browser, ended_state)
+    assert ended == "cut_off"
+    assert state(browser).startswith("cut off before any text")
+    answer = browser.find_elements(By.CSS_SELECTOR, "#history li.assistant")[-1]
+    assert "cut-off" in answer.get_attribute("class").split()
+    assert answer.find_element(By.CSS_SELECTOR, ".text").text == ""
 
 
 def test_an_error_event_is_shown(

@@ -9,6 +9,7 @@ from typing import Any
 import httpx
 import pytest
 
+from resilience.circuit_breaker import CircuitBreaker
 from tests.conftest import LiveServer, wait_until
 from tests.fake_openai import DONE, FakeOpenAI, Plan, chunk, error_plan, text_plan
 from tests.sse_client import chat, stream
@@ -102,8 +103,13 @@ def test_c16_chunks_without_choices_give_exactly_the_text_tokens(
         "completion_tokens": 3,
         "total_tokens": 7,
     }
-    assert len(fake_openai.requests) == 1
     assert fake_openai.requests[0]["stream_options"] == {"include_usage": True}
+    # The outcome is recorded as the stream closes, just after `done` is sent.
+    assert wait_until(lambda: CircuitBreaker("upstream").state().window_calls == 1)
+    breaker = CircuitBreaker("upstream").state()
+    assert breaker.state == "closed"
+    assert breaker.window_failures == 0
+    assert len(fake_openai.requests) == 1
 
 
 @pytest.mark.parametrize(
@@ -246,8 +252,13 @@ def test_c11_cancelled_streams_do_not_exhaust_the_upstream_pool(
     for _ in range(6):
         full = stream(daphne.url, chat())
         assert full.last()[0] == "done", full.events[-1]
+    # No upstream response is still being sent: every stream was closed.
+    # Finished streams hand their connection back to the pool (kept alive,
+    # at most the limit of 2); cancelled ones close theirs.
     assert wait_until(lambda: fake_openai.in_flight == 0, timeout=5)
     assert fake_openai.open_connections <= 2
+    assert (fake_openai.aborted, fake_openai.completed) == (5, 6)
+    assert len(fake_openai.requests) == 11
 
 
 # --- admission errors: every malformed request gets a JSON 4xx -------------

@@ -215,3 +215,17 @@ async def test_c11_abandoned_streams_return_their_connections(
 
 async def collect_without_close(provider: OpenAIProvider) -> list[Any]:
     return [item async for item in provider.stream(REQUEST)]
+
+
+async def test_finished_streams_reuse_one_kept_alive_connection(
+    fake_openai: FakeOpenAI,
+) -> None:
+    provider = provider_for(fake_openai)
+    try:
+        for _ in range(3):
+            items = [item async for item in provider.stream(REQUEST)]
+            assert isinstance(items[-1], Finish)
+        assert fake_openai.accepted == 1
+        assert fake_openai.open_connections == 1
+    finally:
+        await provider.aclose()

@@ -9,6 +9,8 @@ from typing import Any
 
 import pytest
 from channels.layers import get_channel_layer
+from rq.job import Job
+from rq.results import Result
 
 from llm.base import ChatRequest, Message
 from llm.models import Provider
@@ -181,9 +183,25 @@ def children(pid: int) -> list[int]:
         return [int(child) for child in handle.read().split()]
 
 
-@pytest.mark.parametrize("target", ["horse", "whole worker"])
+def failure_reason(redis: Any, request_id: str) -> str | None:
+    """Return the reason RQ shows for a failed job (its latest failed result)."""
+    result = Job.fetch(request_id, connection=redis).latest_result()
+    if result is None or result.type != Result.Type.FAILED:
+        return None
+    return result.exc_string
+
+
+@pytest.mark.parametrize(
+    ("target", "reason"),
+    [
+        # The worker sees its work-horse die and records why itself.
+        ("horse", "Work-horse terminated unexpectedly"),
+        # Nobody is left but the follower, which marks the job lost.
+        ("whole worker", "worker_lost"),
+    ],
+)
 async def test_a_killed_worker_ends_the_stream_with_worker_lost(
-    worker: subprocess.Popen[bytes], redis: Any, target: str
+    worker: subprocess.Popen[bytes], redis: Any, target: str, reason: str
 ) -> None:
     import os
     import signal
@@ -208,6 +226,11 @@ async def test_a_killed_worker_ends_the_stream_with_worker_lost(
     assert wait_until(
         lambda: redis.hget(f"rq:job:{job.request_id}", "status") == b"failed"
     )
+    failed = handler.rq_queue().failed_job_registry
+    assert job.request_id in failed.get_job_ids()
+    recorded = wait_until(lambda: failure_reason(redis, job.request_id) is not None, 5)
+    assert recorded
+    assert reason in (failure_reason(redis, job.request_id) or "")
 
 
 async def started_ticket(redis: Any) -> tuple[handler.Follower, JobPayload, Any]:
