@@ -254,5 +254,8 @@ LOGGING = {
         "django": {"level": "INFO"},
         "daphne": {"level": "WARNING"},
         "asyncio": {"level": "WARNING"},
+        # One INFO line per upstream request is noise beside our own lines.
+        "httpx": {"level": "WARNING"},
+        "httpcore": {"level": "WARNING"},
     },
 }
