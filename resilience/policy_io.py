@@ -153,10 +153,10 @@ def _build_list(name: str, items: Any, section: Section) -> list[models.Model]:
 
 
 def _build_singleton(name: str, item: Any, section: Section) -> models.Model:
+    # Wholesale, like the list sections: keys left out take their defaults,
+    # not the values in the database, so a file means the same on any install.
     item = _check_keys(name, item, section)
-    obj = section.model.current()  # type: ignore[attr-defined]
-    for field, value in item.items():
-        setattr(obj, field, value)
+    obj = section.model(pk=1, **item)
     _validate(name, obj)
     return obj
 

@@ -218,3 +218,12 @@ def test_rate_limits_are_replaced_wholesale(monkeypatch: pytest.MonkeyPatch) -> 
 def test_new_providers_get_a_default_breaker() -> None:
     provider = Provider.objects.create(name="fresh", kind="simulated")
     assert BreakerPolicy.objects.get(provider=provider).failure_threshold == 5
+
+
+def test_a_singleton_section_is_replaced_wholesale(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    PoolPolicy(global_max=80, per_user_max=7, lease_ttl_seconds=12).save()
+    run_import({"pool": {"global_max": 9}}, monkeypatch)
+    pool = PoolPolicy.current()
+    assert (pool.global_max, pool.per_user_max, pool.lease_ttl_seconds) == (9, 4, 30)
