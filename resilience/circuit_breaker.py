@@ -5,7 +5,7 @@
     closed ──(threshold or failure rate)──▶ open ──(recovery time)──▶ half_open
       ▲                                      ▲                           │
       └───────(all probes succeed)───────────┼────────(any failure)──────┘
-    forced_open / forced_closed: set by an operator, left only by a reset
+    forced_open / forced_closed: set by an operator, left by a reset (or the other)
 
 Every transition runs in one Lua script (``lua/breaker_transition.lua``)
 that reads Redis's clock (``TIME``), so every API instance and worker sees
@@ -525,7 +525,21 @@ class AsyncCircuitBreaker:
         cached = self._cached()
         if cached is None or cached.admit:
             return None
-        return self._cached_retry_after(cached) or 0.0
+        wait = self._cached_retry_after(cached)
+        # Forced open has no probe time: suggest one recovery period rather
+        # than invite a retry every second.
+        return self.policy.recovery_timeout_seconds if wait is None else wait
+
+    async def aknown_open(self) -> float | None:
+        """Like ``known_open``, but read Redis once when the cache is cold.
+
+        So admission refuses with 503 whenever every provider is open, not
+        only once this instance has seen it: at most one round trip per
+        provider per ``cache_seconds``.
+        """
+        if self._cached() is None:
+            await self._apply("state", "")
+        return self.known_open()
 
     def guard(self) -> "BreakerGuard":
         """Return ``async with`` guard: acquire on enter, classify on exit."""

@@ -338,14 +338,16 @@ class ChatStreamConsumer(AsyncHttpConsumer):
         )
         self._check_csrf(body)
         await self._rate_limit(snapshot)
-        self._check_providers(snapshot.candidates(entry))
+        await self._check_providers(snapshot.candidates(entry))
         self._snapshot = snapshot
         return request, entry, snapshot
 
     @staticmethod
-    def _check_providers(candidates: list[ProviderEntry]) -> None:
-        """Refuse at once when every provider's breaker is known to be open."""
-        waits = [entry.breaker.known_open() for entry in candidates]
+    async def _check_providers(candidates: list[ProviderEntry]) -> None:
+        """Refuse at once when every provider's breaker is open."""
+        waits = await asyncio.gather(
+            *(entry.breaker.aknown_open() for entry in candidates)
+        )
         if all(wait is not None for wait in waits):
             soonest = min(wait for wait in waits if wait is not None)
             raise ApiError(

@@ -257,3 +257,24 @@ def test_admin_force_open_and_reset_reach_the_stream_path(
     assert stream(daphne.url, chat()).last()[0] == "done"
     listing = admin.get(url).content.decode()
     assert "closed" in listing
+
+
+def test_a_breaker_opened_elsewhere_refuses_at_admission_with_a_503(
+    daphne: LiveServer, providers: Configure
+) -> None:
+    providers(
+        {"name": "simulated", "options": {"ttft_ms": 0, "length": 2}},
+        breakers={"simulated": {"recovery_timeout_seconds": 45}},
+    )
+    assert stream(daphne.url, chat()).last()[0] == "done"
+    # Opened by an operator in another process: this instance has not seen it.
+    CircuitBreaker("simulated").force_open()
+    time.sleep(0.6)  # let the instance's 0.5 s cached "closed" verdict lapse
+    refused = stream(daphne.url, chat())
+    assert refused.status == 503
+    assert refused.body["error"]["code"] == "provider_unavailable"
+    # Forced open has no probe time: one recovery period, not "every second".
+    assert refused.headers["retry-after"] == "45"
+    CircuitBreaker("simulated").reset()
+    time.sleep(0.6)
+    assert stream(daphne.url, chat()).last()[0] == "done"
