@@ -70,8 +70,8 @@ def readyz(request: HttpRequest) -> JsonResponse:
         for name, check in (("redis", _redis_ok), ("database", _db_ok))
         if not check()
     ]
+    _log_change(down)
     if down:
-        logger.warning("readyz: %s unreachable", ", ".join(down))
         return JsonResponse(
             {
                 "status": "unavailable",
@@ -85,6 +85,20 @@ def readyz(request: HttpRequest) -> JsonResponse:
             status=503,
         )
     return JsonResponse({"status": "ready"})
+
+
+_last_down: list[str] = []
+
+
+def _log_change(down: list[str]) -> None:
+    # Probes come every few seconds: one WARNING per change, not per probe.
+    if down == _last_down:
+        return
+    if down:
+        logger.warning("readyz: %s unreachable", ", ".join(down))
+    else:
+        logger.warning("readyz: ready again")
+    _last_down[:] = down
 
 
 def _redis_ok() -> bool:

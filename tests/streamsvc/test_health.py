@@ -20,6 +20,7 @@ from django.db import connection
 from django.test import Client
 
 from resilience import redis_client
+from streamsvc import views
 from tests.redis_plugin import redis_server
 
 # Scheduling noise on a busy 2-core machine, on top of the Redis timeout.
@@ -45,6 +46,12 @@ def assert_names_only(response: Any, down: list[str]) -> None:
     assert body["error"]["message"] == f"unreachable: {', '.join(down)}"
     assert body["error"]["retry_after"] is None
     assert "Retry-After" not in response
+
+
+@pytest.fixture(autouse=True)
+def fresh_readiness_log() -> None:
+    # /readyz logs changes only; each test starts from "nothing was down".
+    views._last_down.clear()
 
 
 @pytest.fixture
@@ -170,3 +177,15 @@ def test_readyz_names_the_database_when_it_cannot_be_opened(tmp_path: Path) -> N
 
     assert_names_only(response, ["database"])
     assert Client().get("/readyz").status_code == 200
+
+
+@pytest.mark.django_db
+@pytest.mark.timeout(30)
+def test_readyz_warns_once_per_outage_not_once_per_probe(
+    stopped_redis: None, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="streamsvc.views"):
+        for _ in range(3):
+            assert Client().get("/readyz").status_code == 503
+    warnings = [r.getMessage() for r in caplog.records if r.name == "streamsvc.views"]
+    assert warnings == ["readyz: redis unreachable"]
