@@ -8,7 +8,7 @@ bootstrap:
 	@scripts/bootstrap.sh
 
 migrate: bootstrap
-	@mkdir -p var/static
+	@mkdir -p "$${STREAMSVC_VAR_DIR:-var}/static"
 	@$(PY) manage.py migrate --noinput -v 0
 	@$(PY) manage.py ensure_demo_user
 

@@ -215,6 +215,10 @@ def _replace_breakers(new: list[models.Model]) -> None:
     for breaker in new:
         breaker.provider = Provider.objects.get(name=breaker._provider_name)  # type: ignore[attr-defined]
         breaker.save()
+    # A provider the file leaves out runs on the defaults: give it that row,
+    # so it stays in the admin where it can be forced open or closed.
+    for provider in Provider.objects.filter(breaker__isnull=True):
+        BreakerPolicy.objects.create(provider=provider)
 
 
 def import_policies(data: Any) -> list[str]:

@@ -227,3 +227,13 @@ def test_a_singleton_section_is_replaced_wholesale(
     run_import({"pool": {"global_max": 9}}, monkeypatch)
     pool = PoolPolicy.current()
     assert (pool.global_max, pool.per_user_max, pool.lease_ttl_seconds) == (9, 4, 30)
+
+
+def test_a_provider_left_out_of_breakers_keeps_a_default_row(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    Provider.objects.create(name="other", kind="simulated")
+    BreakerPolicy.objects.filter(provider__name="other").update(failure_threshold=9)
+    run_import({"breakers": [{"provider": "simulated"}]}, monkeypatch)
+    assert BreakerPolicy.objects.get(provider__name="other").failure_threshold == 5
+    assert BreakerPolicy.objects.count() == 2
