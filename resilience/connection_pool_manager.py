@@ -57,7 +57,7 @@ from redis.exceptions import NoScriptError, RedisError
 
 from . import redis_client
 from .errors import ResilienceError
-from .streams import run_to_end
+from .streams import raise_if_cancelling, run_to_end
 
 logger = logging.getLogger(__name__)
 
@@ -612,7 +612,9 @@ class PoolHold:
     async def _renew_loop(self) -> None:
         while True:
             await asyncio.sleep(self._renew_every)
-            if not await self._pool.renew(self.lease):
+            renewed = await self._pool.renew(self.lease)
+            raise_if_cancelling()
+            if not renewed:
                 self._on_lost()
                 return
 

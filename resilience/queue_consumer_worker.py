@@ -41,7 +41,7 @@ from .queue_request_handler import (
     journal_key,
     waiting_key,
 )
-from .streams import with_heartbeats
+from .streams import raise_if_cancelling, with_heartbeats
 
 logger = logging.getLogger(__name__)
 
@@ -227,6 +227,7 @@ async def _beat(request_id: str) -> None:
         await asyncio.sleep(HEARTBEAT_EVERY)
         with contextlib.suppress(RedisError, OSError):
             await client.set(heartbeat_key(request_id), "running", px=HEARTBEAT_TTL_MS)
+        raise_if_cancelling()
 
 
 async def _watch_cancel(request_id: str) -> None:
@@ -236,6 +237,7 @@ async def _watch_cancel(request_id: str) -> None:
         with contextlib.suppress(RedisError, OSError):
             if await client.exists(cancel_key(request_id)):
                 return
+        raise_if_cancelling()
 
 
 async def _record_duration(seconds: float) -> None:

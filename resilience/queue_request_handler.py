@@ -45,6 +45,7 @@ from rq.results import Result
 from . import events, redis_client
 from .errors import ResilienceError
 from .events import StreamEvent
+from .streams import raise_if_cancelling
 
 logger = logging.getLogger(__name__)
 
@@ -389,6 +390,7 @@ class Follower:
                     if event.terminal:
                         return
             except (RedisError, OSError) as exc:
+                raise_if_cancelling(exc)
                 if self._outage_too_long(exc):
                     yield events.error(
                         "queue_unavailable", "lost contact with the queue (Redis)"
@@ -414,6 +416,7 @@ class Follower:
             try:
                 message = await self.layer.receive(self.channel)
             except (RedisError, OSError) as exc:
+                raise_if_cancelling(exc)
                 logger.debug("queue %s: receive failed (%s)", self.channel, exc)
                 await asyncio.sleep(CHECK_EVERY)
                 continue

@@ -56,3 +56,16 @@ async def run_to_end(
             caught = exc
     future.result()
     return caught
+
+
+def raise_if_cancelling(exc: BaseException | None = None) -> None:
+    """Raise ``CancelledError`` if the current task is being cancelled.
+
+    redis-py may answer a cancelled read with a connection error, which a
+    loop that retries on Redis errors would swallow together with the
+    cancellation and run on forever. Loops like that call this after each
+    Redis error or call.
+    """
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError from exc

@@ -272,17 +272,37 @@ def test_c21_with_redis_paused_a_full_pool_answers_queue_unavailable(
         {"name": "simulated", "options": SLOW},
         pool={"global_max": 1, "per_user_max": 1},
     )
-    redis.execute_command("CLIENT", "PAUSE", "6000")
+    redis.execute_command("CLIENT", "PAUSE", "8000")
     paused_at = time.monotonic()
     # The pool falls back to this instance's own count, which the holder fills.
-    holder, box = in_background(daphne.url, chat("holder"))
-    time.sleep(1.5)
+    streaming = threading.Event()
+    box: dict[str, Any] = {}
+
+    def hold() -> None:
+        with httpx.stream(
+            "POST",
+            daphne.url + "/api/v1/chat/stream",
+            json=chat("holder", max_tokens=200),
+            timeout=30,
+        ) as response:
+            body = b""
+            for piece in response.iter_raw():
+                body += piece
+                if b"event: token" in body:
+                    streaming.set()
+            box["body"] = body
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    assert streaming.wait(6), "the holder streams while Redis is paused"
+    asked_at = time.monotonic()
     refused = stream(daphne.url, chat("overflow"))
     assert refused.status == 503
     assert refused.body["error"]["code"] == "queue_unavailable"
-    assert time.monotonic() - paused_at < 5.5
+    assert time.monotonic() - asked_at < 3
+    assert time.monotonic() - paused_at < 8
     holder.join(40)
-    assert box["result"].last()[0] == "done"
+    assert box["body"].rstrip().endswith(b"}") and b"event: done" in box["body"]
 
 
 def test_c02_a_request_waiting_in_line_gets_heartbeats(
