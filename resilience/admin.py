@@ -98,7 +98,9 @@ class ProviderWithBreakerAdmin(ProviderAdmin):
 
 
 def _breaker(row: BreakerPolicy) -> CircuitBreaker:
-    return CircuitBreaker(row.provider.name)
+    # The row's own policy: reading the state may move open to half-open,
+    # which must happen at this provider's recovery time, not the default's.
+    return CircuitBreaker(row.provider.name, row.as_policy())
 
 
 def _apply(

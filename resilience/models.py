@@ -7,6 +7,7 @@ reads these tables directly: it reads ``resilience.policies.policy_cache``.
 
 import hashlib
 import secrets
+from collections.abc import Iterator
 from typing import Any, ClassVar
 
 from django.conf import settings
@@ -32,9 +33,15 @@ ON_REDIS_DOWN = [
 PER_CALLER_SCOPES = ("ip", "user", "api_key")
 
 
-def positive(field: str, value: float) -> None:
-    if value <= 0:
+def positive(field: str, value: float | None) -> None:
+    # None: the field itself is invalid, and the form already says so.
+    if value is not None and value <= 0:
         raise ValidationError({field: "must be greater than zero"})
+
+
+def _above(value: float | None, bound: float | None) -> bool:
+    """Compare two fields; a blank one is the form's error, not this rule's."""
+    return value is not None and bound is not None and value > bound
 
 
 def bucket_conflict(
@@ -46,6 +53,14 @@ def bucket_conflict(
     bucket runs dry first), so it is a mistake, not a looser limit. Returns
     ``(per_caller, global_bucket, field)``.
     """
+    for limit, bound, field in _bucket_conflicts(limits):
+        return limit, bound, field
+    return None
+
+
+def _bucket_conflicts(
+    limits: "list[RateLimitPolicy]",
+) -> "Iterator[tuple[RateLimitPolicy, RateLimitPolicy, str]]":
     enabled = [limit for limit in limits if limit.enabled]
     fleet = [limit for limit in enabled if limit.scope == "global"]
     for limit in enabled:
@@ -53,17 +68,19 @@ def bucket_conflict(
             continue
         for bound in fleet:
             for field in ("capacity", "refill_per_second"):
-                if getattr(limit, field) > getattr(bound, field):
-                    return limit, bound, field
-    return None
+                mine, theirs = getattr(limit, field), getattr(bound, field)
+                if mine is not None and theirs is not None and mine > theirs:
+                    yield limit, bound, field
 
 
 def check_buckets(limits: "list[RateLimitPolicy]", changed: "RateLimitPolicy") -> None:
     """Refuse ``changed`` if it makes a per-caller bucket exceed a global one."""
-    conflict = bucket_conflict(limits)
-    if conflict is None:
+    # Only conflicts that involve the changed row: one between two other
+    # rows is not this edit's doing and must not hide this edit's own.
+    mine = [c for c in _bucket_conflicts(limits) if changed in c[:2]]
+    if not mine:
         return
-    caller, bound, field = conflict
+    caller, bound, field = mine[0]
     if changed is caller:
         message = (
             f"cannot be above the global bucket {bound.name!r} "
@@ -85,7 +102,8 @@ def check_retry_fits_job(retry: "RetryPolicy", queue: "QueuePolicy") -> str | No
     A worker retries inside its job: a retry budget as long as the job timeout
     would let RQ kill the job in the middle of a backoff.
     """
-    if retry.max_total_seconds < queue.job_timeout_seconds:
+    total, limit = retry.max_total_seconds, queue.job_timeout_seconds
+    if total is None or limit is None or total < limit:
         return None
     return (
         f"the retry budget ({retry.max_total_seconds}s) must be below the "
@@ -190,9 +208,9 @@ class PoolPolicy(SingletonPolicy):
         return f"pool: {self.global_max} global, {self.per_user_max} per caller"
 
     def clean(self) -> None:
-        if self.lease_ttl_seconds < 1:
+        if self.lease_ttl_seconds is not None and self.lease_ttl_seconds < 1:
             raise ValidationError({"lease_ttl_seconds": "must be at least 1 second"})
-        if self.per_user_max > self.global_max:
+        if _above(self.per_user_max, self.global_max):
             raise ValidationError(
                 {"per_user_max": "cannot be above the global maximum"}
             )
@@ -237,7 +255,7 @@ class QueuePolicy(SingletonPolicy):
         """Check this row alone (``policies import`` checks the rest as a set)."""
         positive("max_wait_seconds", self.max_wait_seconds)
         positive("job_timeout_seconds", self.job_timeout_seconds)
-        if self.per_user_max > self.max_depth:
+        if _above(self.per_user_max, self.max_depth):
             raise ValidationError({"per_user_max": "cannot be above max_depth"})
 
     def clean(self) -> None:
@@ -280,7 +298,7 @@ class RetryPolicy(SingletonPolicy):
         """Check this row alone (``policies import`` checks the rest as a set)."""
         positive("base_delay_seconds", self.base_delay_seconds)
         positive("max_total_seconds", self.max_total_seconds)
-        if self.max_delay_seconds < self.base_delay_seconds:
+        if _above(self.base_delay_seconds, self.max_delay_seconds):
             raise ValidationError(
                 {"max_delay_seconds": "cannot be below base_delay_seconds"}
             )
@@ -336,6 +354,20 @@ class BreakerPolicy(models.Model):
 
     class Meta:
         verbose_name = "circuit breaker"
+
+    def as_policy(self) -> Any:
+        """Return this row as the breaker's own ``BreakerPolicy`` dataclass."""
+        from .circuit_breaker import BreakerPolicy as Policy
+
+        return Policy(
+            self.failure_threshold,
+            self.failure_rate_percent,
+            self.window_seconds,
+            self.minimum_calls,
+            self.recovery_timeout_seconds,
+            self.half_open_probes,
+            self.probe_timeout_seconds,
+        )
 
     def __str__(self) -> str:
         return f"breaker for {self.provider.name}"

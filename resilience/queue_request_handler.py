@@ -372,11 +372,14 @@ class Follower:
         try:
             yield events.queued(self.payload.request_id, self.ticket.position)
             async for event in self._follow_through_outages():
+                if event.terminal:
+                    # Set before the yield: the consumer closes this
+                    # generator at the terminal event, so code after the
+                    # yield never runs. Out of touch with Redis the job may
+                    # still be queued, and the consumer withdraws it.
+                    self.finished = self._failing_since is None
                 yield event
                 if event.terminal:
-                    # Out of touch with Redis, the job may still be queued:
-                    # the consumer withdraws it after the last event is out.
-                    self.finished = self._failing_since is None
                     return
         finally:
             receiver.cancel()
@@ -430,7 +433,9 @@ class Follower:
             except TimeoutError:
                 message = None
             if message is not None:
-                for event in await self._accept(message):
+                accepted = await self._accept(message)
+                self._failing_since = None
+                for event in accepted:
                     yield event
                     if event.terminal:
                         return

@@ -40,10 +40,17 @@ def breaker_row(state: BreakerState) -> dict[str, Any]:
 
 def breaker_status() -> list[dict[str, Any]]:
     """Return every enabled provider's breaker (blocking: reads the database)."""
-    from llm.models import Provider
+    from .models import BreakerPolicy
 
-    names = Provider.objects.filter(enabled=True).values_list("name", flat=True)
-    return [breaker_row(CircuitBreaker(name).state()) for name in names]
+    # Each with its own policy: reading the state moves an open breaker to
+    # half-open once *its* recovery time has passed.
+    rows = BreakerPolicy.objects.filter(provider__enabled=True).select_related(
+        "provider"
+    )
+    return [
+        breaker_row(CircuitBreaker(row.provider.name, row.as_policy()).state())
+        for row in rows.order_by("provider__order", "provider__name")
+    ]
 
 
 def snapshot() -> dict[str, Any]:

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from django.conf import settings
+from django.db import DatabaseError
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -28,6 +29,7 @@ from redis.exceptions import RedisError
 from resilience import metrics as _registered  # noqa: F401  (defines the metrics)
 from resilience import redis_client, status
 from resilience.connection_pool_manager import HASH_TAG
+from resilience.errors import ResilienceError
 from resilience.queue_request_handler import QUEUE_NAME, waiting_key
 
 from .identity import client_ip
@@ -39,27 +41,36 @@ class ClusterCollector(Collector):
     """Levels shared by the whole fleet, read from Redis at scrape time."""
 
     def collect(self) -> Iterator[Metric]:
-        client: Any = redis_client.sync_client()
+        # Gathered first, so an outage costs these levels, never the scrape
+        # (the per-process counters still go out).
         try:
-            waiting = int(client.zcard(waiting_key()))
-            queued_jobs = int(client.llen(f"rq:queue:{QUEUE_NAME}"))
-        except (RedisError, OSError) as exc:
-            logger.warning("metrics: Redis unreachable (%s)", exc)
+            families = self._levels()
+        except (RedisError, OSError, ResilienceError, DatabaseError) as exc:
+            logger.warning("metrics: fleet levels unavailable (%s)", exc)
             yield GaugeMetricFamily("streamsvc_redis_up", "Redis answered.", value=0)
             return
         yield GaugeMetricFamily("streamsvc_redis_up", "Redis answered.", value=1)
-        yield GaugeMetricFamily(
-            "streamsvc_queue_depth", "Requests waiting in the queue.", value=waiting
-        )
-        yield GaugeMetricFamily(
-            "streamsvc_queue_jobs", "RQ jobs in the streams queue.", value=queued_jobs
-        )
-        yield GaugeMetricFamily(
-            "streamsvc_pool_in_use",
-            "Direct streams holding a pool lease, fleet-wide.",
-            value=_pool_in_use(client),
-        )
-        yield _breaker_states()
+        yield from families
+
+    def _levels(self) -> list[Metric]:
+        client: Any = redis_client.sync_client()
+        waiting = int(client.zcard(waiting_key()))
+        queued_jobs = int(client.llen(f"rq:queue:{QUEUE_NAME}"))
+        return [
+            GaugeMetricFamily(
+                "streamsvc_queue_depth", "Requests waiting in the queue.", value=waiting
+            ),
+            GaugeMetricFamily(
+                "streamsvc_queue_jobs", "RQ jobs in the streams queue.",
+                value=queued_jobs,
+            ),
+            GaugeMetricFamily(
+                "streamsvc_pool_in_use",
+                "Direct streams holding a pool lease, fleet-wide.",
+                value=_pool_in_use(client),
+            ),
+            _breaker_states(),
+        ]  # fmt: skip
 
 
 BREAKER_LEVELS = {

@@ -219,3 +219,32 @@ def test_a_provider_and_its_breaker_are_edited_on_one_page(
     )  # fmt: skip
     assert changed.status_code == 302, changed.content.decode()[-2000:]
     assert BreakerPolicy.objects.get(provider=provider).failure_threshold == 2
+
+
+@pytest.mark.parametrize("blank", ["capacity", "refill_per_second"])
+def test_a_blank_number_on_the_add_page_is_a_form_error_not_a_500(
+    admin_client: Client, blank: str
+) -> None:
+    data = {
+        "name": "new",
+        "scope": "user",
+        "capacity": 5,
+        "refill_per_second": 1,
+        "on_redis_down": "fail_open",
+        "enabled": "on",
+    }
+    data[blank] = ""
+    response = admin_client.post("/admin/resilience/ratelimitpolicy/add/", data)
+    assert response.status_code == 200
+    assert "This field is required" in response.content.decode()
+
+
+def test_an_old_conflict_between_other_rows_does_not_hide_this_ones(
+    admin_client: Client,
+) -> None:
+    # per-ip (30) above a lowered global (20) is already inconsistent...
+    RateLimitPolicy.objects.filter(name="global").update(capacity=20)
+    per_user = RateLimitPolicy.objects.get(name="per-user")
+    # ...and raising per-user above the global bucket must still be refused.
+    response = post_rate_limit(admin_client, per_user, capacity=25)
+    assert "cannot be above the global bucket" in response.content.decode()

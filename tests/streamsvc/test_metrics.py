@@ -123,3 +123,32 @@ def test_an_open_breaker_shows_in_metrics(redis: Any, providers: Any) -> None:
     body = Client(REMOTE_ADDR="127.0.0.1").get("/metrics").content.decode()
     assert sample(body, 'streamsvc_breaker_state{provider="backup"}') == 2
     assert sample(body, 'streamsvc_breaker_state{provider="simulated"}') == 0
+
+
+def test_reading_breaker_states_uses_each_providers_own_recovery_time(
+    redis: Any, providers: Any
+) -> None:
+    import asyncio
+    import time
+
+    from resilience.circuit_breaker import AsyncCircuitBreaker, BreakerPolicy
+    from resilience.status import breaker_status
+
+    providers(
+        {"name": "slowheal"},
+        breakers={"slowheal": {"failure_threshold": 1,
+                               "recovery_timeout_seconds": 300}},
+    )  # fmt: skip
+
+    async def open_a_minute_ago() -> None:
+        policy = BreakerPolicy(failure_threshold=1, recovery_timeout_seconds=300)
+        breaker = AsyncCircuitBreaker(
+            "slowheal", policy, clock=lambda: time.time() - 60
+        )
+        await breaker.record_failure(await breaker.acquire())
+
+    asyncio.run(open_a_minute_ago())
+    # The default policy's 30 s recovery would turn this read into half-open.
+    assert [b["state"] for b in breaker_status()] == ["open"]
+    body = Client(REMOTE_ADDR="127.0.0.1").get("/metrics").content.decode()
+    assert sample(body, 'streamsvc_breaker_state{provider="slowheal"}') == 2
