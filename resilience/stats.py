@@ -47,6 +47,7 @@ class StatsBuffer:
         self._ttft: dict[int, list[float]] = {}
         self._flushed_at = 0.0
         self._flushing: asyncio.Task[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
 
     def count(self, name: str, amount: int = 1) -> None:
         """Add ``amount`` to ``name`` for the current second."""
@@ -61,15 +62,27 @@ class StatsBuffer:
         self._maybe_flush()
 
     def _maybe_flush(self) -> None:
-        now = self._clock()
-        if now - self._flushed_at < 1 or self._flushing is not None:
+        if self._flushing is not None:
             return
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
             return
+        now = self._clock()
+        wait = 1 - (now - self._flushed_at)
+        if wait > 0:
+            # Too soon: come back when the second is up, so the last counts
+            # of a burst reach Redis even if no event follows them.
+            if self._timer is None:
+                self._timer = loop.call_later(wait, self._on_timer)
+            return
         self._flushed_at = now
         self._flushing = loop.create_task(self.flush())
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        if self._counts or self._ttft:
+            self._maybe_flush()
 
     async def flush(self) -> None:
         """Write what was counted since the last flush."""

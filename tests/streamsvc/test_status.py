@@ -132,3 +132,24 @@ def test_snapshot_reports_queue_depth(redis: Any) -> None:
 
     redis.zadd(waiting_key(), {"a": 1, "b": 2})
     assert status.queue_status()["depth"] == 2
+
+
+async def test_the_last_counts_of_a_burst_reach_redis_without_more_traffic(
+    redis: Any,
+) -> None:
+    import asyncio
+    import time
+
+    buffer = StatsBuffer()
+    buffer.count("admitted")  # flushes at once (first of its second)
+    await asyncio.sleep(0.05)
+    buffer.count("admitted", 4)  # too soon: held, then flushed by a timer
+    deadline = time.monotonic() + 3
+    while time.monotonic() < deadline:
+        total = sum(int(row["admitted"]) for row in
+                    history(time.time() + 1, seconds=10)["series"]
+                    if "admitted" in row)  # fmt: skip
+        if total == 5:
+            break
+        await asyncio.sleep(0.1)
+    assert total == 5
