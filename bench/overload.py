@@ -126,11 +126,11 @@ def main() -> None:
         port = free_port()
         daphne = [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port),
                   "streamsvc.asgi:application"]  # fmt: skip
-        quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
-        children.append(subprocess.Popen(daphne, cwd=ROOT, env=env, **quiet))  # type: ignore[call-overload]
+        quiet: Any = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+        children.append(subprocess.Popen(daphne, cwd=ROOT, env=env, **quiet))
         for _ in range(WORKERS):
             worker = [sys.executable, "manage.py", "rqworker", "streams"]
-            children.append(subprocess.Popen(worker, cwd=ROOT, env=env, **quiet))  # type: ignore[call-overload]
+            children.append(subprocess.Popen(worker, cwd=ROOT, env=env, **quiet))
         url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:

@@ -2,10 +2,11 @@
 
 ::
 
-    closed ──(threshold or failure rate)──▶ open ──(recovery time)──▶ half_open
-      ▲                                      ▲                           │
-      └───────(all probes succeed)───────────┼────────(any failure)──────┘
-    forced_open / forced_closed: set by an operator, left by a reset (or the other)
+    closed ──(threshold or rate)──▶ open ──(recovery time)──▶ half_open
+      ▲                              ▲                          │
+      └────(all probes succeed)──────┼───────(any failure)──────┘
+    forced_open / forced_closed: set by an operator; left by a reset or
+    by forcing the other
 
 Every transition runs in one Lua script (``lua/breaker_transition.lua``)
 that reads Redis's clock (``TIME``), so every API instance and worker sees

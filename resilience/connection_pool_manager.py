@@ -478,9 +478,8 @@ class AsyncConnectionPool:
 
     async def _remote_usage(self, top: int) -> tuple[int, tuple[CallerUsage, ...]]:
         client = self._redis()
-        seconds, micros = await client.time()
-        floor = f"({seconds * 1000 + micros // 1000}"
-        in_use = await client.zcount(self._global_key(), floor, "+inf")
+        floor = f"({redis_client.time_ms(await client.time())}"
+        in_use = await client.zcount(global_key(), floor, "+inf")
         user_prefix = redis_client.key(HASH_TAG, "user", "")
         user_keys = [
             k async for k in client.scan_iter(match=_glob_escape(user_prefix) + "*")
@@ -513,11 +512,8 @@ class AsyncConnectionPool:
         self.counters.redis_errors += 1
         self._health.failed(exc)
 
-    def _global_key(self) -> str:
-        return redis_client.key(HASH_TAG, "global")
-
     def _keys(self, caller: str) -> tuple[str, str]:
-        return self._global_key(), redis_client.key(HASH_TAG, "user", caller)
+        return global_key(), redis_client.key(HASH_TAG, "user", caller)
 
     def _count_acquire(self) -> None:
         self.counters.acquire_round_trips += 1
@@ -625,6 +621,17 @@ class PoolHold:
         if self._interrupt and self._in_body and self._task is not None:
             self._interrupted = True
             self._task.cancel()
+
+
+def global_key() -> str:
+    """The sorted set of every live lease, scored by expiry (Redis ms)."""
+    return redis_client.key(HASH_TAG, "global")
+
+
+def global_in_use(client: Any) -> int:
+    """Count live leases fleet-wide with a sync client (metrics scrapes)."""
+    floor = f"({redis_client.time_ms(client.time())}"
+    return int(client.zcount(global_key(), floor, "+inf"))
 
 
 def _scope(raw: bytes | str) -> Scope:

@@ -8,7 +8,7 @@ reads these tables directly: it reads ``resilience.policies.policy_cache``.
 import hashlib
 import secrets
 from collections.abc import Iterator
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from django.conf import settings
 from django.core.exceptions import ValidationError
@@ -17,6 +17,9 @@ from django.db import models
 from django.utils import timezone
 
 from llm.models import Provider
+
+if TYPE_CHECKING:
+    from .circuit_breaker import BreakerPolicy as CircuitPolicy
 
 SCOPES = [
     ("global", "global: every request"),
@@ -355,7 +358,7 @@ class BreakerPolicy(models.Model):
     class Meta:
         verbose_name = "circuit breaker"
 
-    def as_policy(self) -> Any:
+    def as_policy(self) -> "CircuitPolicy":
         """Return this row as the breaker's own ``BreakerPolicy`` dataclass."""
         from .circuit_breaker import BreakerPolicy as Policy
 

@@ -125,15 +125,7 @@ def load_rows() -> PolicyRows:
             retry.max_total_seconds,
         ),
         breakers={
-            b.provider.name: BreakerPolicy(
-                b.failure_threshold,
-                b.failure_rate_percent,
-                b.window_seconds,
-                b.minimum_calls,
-                b.recovery_timeout_seconds,
-                b.half_open_probes,
-                b.probe_timeout_seconds,
-            )
+            b.provider.name: b.as_policy()
             for b in BreakerRow.objects.select_related("provider")
         },
     )

@@ -101,7 +101,8 @@ def export_policies() -> dict[str, Any]:
         ],
     }
     for name, section in SINGLETONS.items():
-        data[name] = _row(section.model.current(), section)  # type: ignore[attr-defined]
+        model: Any = section.model
+        data[name] = _row(model.current(), section)
     return data
 
 
@@ -201,19 +202,19 @@ def _check_fleet(
         raise PolicyImportError(f"{where}: {problem}")
 
 
-def _replace_providers(new: list[models.Model]) -> None:
+def _replace_providers(new: list[Any]) -> None:
     keep = []
     for provider in new:
         values = {f: getattr(provider, f) for f in PROVIDERS.fields if f != "name"}
-        Provider.objects.update_or_create(name=provider.name, defaults=values)  # type: ignore[attr-defined]
-        keep.append(provider.name)  # type: ignore[attr-defined]
+        Provider.objects.update_or_create(name=provider.name, defaults=values)
+        keep.append(provider.name)
     Provider.objects.exclude(name__in=keep).delete()
 
 
-def _replace_breakers(new: list[models.Model]) -> None:
+def _replace_breakers(new: list[Any]) -> None:
     BreakerPolicy.objects.all().delete()
     for breaker in new:
-        breaker.provider = Provider.objects.get(name=breaker._provider_name)  # type: ignore[attr-defined]
+        breaker.provider = Provider.objects.get(name=breaker._provider_name)
         breaker.save()
     # A provider the file leaves out runs on the defaults: give it that row,
     # so it stays in the admin where it can be forced open or closed.
@@ -246,7 +247,8 @@ def import_policies(data: Any) -> list[str]:
             _replace_providers(lists["providers"])
         if "rate_limits" in lists:
             RateLimitPolicy.objects.all().delete()
-            RateLimitPolicy.objects.bulk_create(lists["rate_limits"])  # type: ignore[arg-type]
+            limits: list[Any] = lists["rate_limits"]
+            RateLimitPolicy.objects.bulk_create(limits)
         if "breakers" in lists:
             _replace_breakers(lists["breakers"])
         for obj in singles.values():

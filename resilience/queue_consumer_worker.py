@@ -15,13 +15,13 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, cast
 
 from channels_redis.core import RedisChannelLayer
 from django.conf import settings
 from redis.exceptions import RedisError
 
-from llm.base import ChatRequest, Message
+from llm.base import ChatRequest, Message, Role
 
 from . import conf, events, redis_client
 from .events import StreamEvent
@@ -127,8 +127,10 @@ async def _events(job: JobPayload) -> AsyncIterator[StreamEvent]:
     )
     if entry is None:
         return _single(events.error("provider_unavailable", "no provider is enabled"))
+    # Roles were validated before the job was queued.
+    messages = tuple(Message(cast(Role, m["role"]), m["content"]) for m in job.messages)
     request = ChatRequest(
-        tuple(Message(m["role"], m["content"]) for m in job.messages),  # type: ignore[arg-type]
+        messages,
         job.model,
         job.max_tokens,
     )

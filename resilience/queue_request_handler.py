@@ -360,6 +360,7 @@ class Follower:
         self._last_position = ticket.position
         self._next_position_check = clock() + POSITION_EVERY
         self._failing_since: float | None = None
+        self._worker_ended = False
 
     async def events(self) -> AsyncGenerator[StreamEvent, None]:
         """Yield ``queued`` updates, then the worker's events, then stop.
@@ -375,9 +376,10 @@ class Follower:
                 if event.terminal:
                     # Set before the yield: the consumer closes this
                     # generator at the terminal event, so code after the
-                    # yield never runs. Out of touch with Redis the job may
-                    # still be queued, and the consumer withdraws it.
-                    self.finished = self._failing_since is None
+                    # yield never runs. Only the worker's own end means its
+                    # job is over; for any end of ours (timeout, gap, lost
+                    # contact) the consumer withdraws the job.
+                    self.finished = self._worker_ended
                 yield event
                 if event.terminal:
                     return
@@ -450,7 +452,6 @@ class Follower:
                 if place is None:
                     self.started_at = self.clock()
                 elif self._waited_too_long():
-                    await withdraw(self.payload)
                     yield events.error(
                         "queue_timeout",
                         f"waited more than {self.payload.max_wait_seconds:g} s",
@@ -497,7 +498,12 @@ class Follower:
 
     def _take(self, seq: int, raw: list[list[Any]]) -> list[StreamEvent]:
         self.expected = seq + 1
-        return decode_batch(raw)
+        return self._from_worker(decode_batch(raw))
+
+    def _from_worker(self, batch: list[StreamEvent]) -> list[StreamEvent]:
+        """Pass on the worker's events, noting whether they end its job."""
+        self._worker_ended = self._worker_ended or any(e.terminal for e in batch)
+        return batch
 
     async def _fill(self, upto: int) -> list[StreamEvent]:
         journal = await read_journal(self.payload.request_id)
@@ -512,7 +518,7 @@ class Follower:
                 return [*filled, events.error(
                     "internal_error", "part of the answer was lost in transit"
                 )]  # fmt: skip
-            filled += journal[seq]
+            filled += self._from_worker(journal[seq])
         self.expected = upto
         return filled
 
@@ -523,6 +529,6 @@ class Follower:
         journal = await read_journal(self.payload.request_id)
         caught: list[StreamEvent] = []
         while self.expected in journal:
-            caught += journal[self.expected]
+            caught += self._from_worker(journal[self.expected])
             self.expected += 1
         return caught

@@ -23,6 +23,12 @@ def key(*parts: object) -> str:
     return ":".join([settings.REDIS_KEY_PREFIX, *map(str, parts)])
 
 
+def time_ms(reply: tuple[Any, Any]) -> int:
+    """Return a Redis ``TIME`` reply (seconds, microseconds) in milliseconds."""
+    seconds, micros = reply
+    return int(seconds) * 1000 + int(micros) // 1000
+
+
 def _timeout() -> float:
     return float(settings.REDIS_TIMEOUT_SECONDS)
 

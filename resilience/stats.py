@@ -103,6 +103,8 @@ class StatsBuffer:
             logger.debug("stats: flush skipped (%s)", exc)
         finally:
             self._flushing = None
+            if self._counts or self._ttft:
+                self._maybe_flush()  # counted during this flush: come back
 
 
 stats = StatsBuffer()

@@ -14,8 +14,7 @@ def queue_status() -> dict[str, Any]:
     client: Any = redis_client.sync_client()
     depth = int(client.zcard(waiting_key()))
     oldest = client.zrange(waiting_key(), 0, 0, withscores=True)
-    seconds, micros = client.time()
-    now_ms = seconds * 1000 + micros // 1000
+    now_ms = redis_client.time_ms(client.time())
     wait = (now_ms - oldest[0][1]) / 1000 if oldest else 0.0
     workers = Worker.all(queue=rq_queue())
     return {

@@ -239,11 +239,13 @@ class ChatStreamConsumer(AsyncHttpConsumer):
                 )
                 await self._relay(source, writer, recorder)
         except LeaseLost:
-            await self._send_event(
-                writer,
-                recorder,
-                error_event("lease_lost", "the stream's pool slot expired; retry"),
-            )
+            # A renewal may fail just after `done` went out: one end only.
+            if recorder.last is None or not recorder.last.terminal:
+                await self._send_event(
+                    writer,
+                    recorder,
+                    error_event("lease_lost", "the stream's pool slot expired; retry"),
+                )
         finally:
             self._log_end(request_id, recorder)
         await self.send_body(b"", more_body=False)
@@ -276,6 +278,10 @@ class ChatStreamConsumer(AsyncHttpConsumer):
             async with asyncio.timeout(settings.REDIS_TIMEOUT_SECONDS * 2):
                 await layer.group_add(payload.group, channel)
             ticket = await submit(payload, snapshot.queue, time.monotonic)
+        except asyncio.CancelledError:
+            # The client left mid-enqueue: the job may be in line already.
+            await self._leave_queue(payload, layer, channel, withdraw_job=True)
+            raise
         except (QueueFull, QueueUnavailable) as exc:
             await self._discard(layer, payload.group, channel)
             await self._refuse(
@@ -303,18 +309,28 @@ class ChatStreamConsumer(AsyncHttpConsumer):
             await self._open_stream(writer)
             await self._relay(follower.events(), writer, recorder)
         finally:
-
-            async def leave() -> None:
-                if not follower.finished and not await withdraw(payload):
-                    withdraw_later(payload)
-                await self._discard(layer, payload.group, channel)
-
-            # A disconnect may cancel us again mid-cleanup: finish it anyway.
-            cancelled = await run_to_end(leave)
-            self._log_end(request_id, recorder)
-            if cancelled is not None:
-                raise cancelled
+            try:
+                await self._leave_queue(
+                    payload, layer, channel, withdraw_job=not follower.finished
+                )
+            finally:
+                self._log_end(request_id, recorder)
         await self.send_body(b"", more_body=False)
+
+    async def _leave_queue(
+        self, payload: JobPayload, layer: Any, channel: str | None, withdraw_job: bool
+    ) -> None:
+        """Withdraw the job (if asked) and leave its group, whatever cancels us."""
+
+        async def leave() -> None:
+            if withdraw_job and not await withdraw(payload):
+                withdraw_later(payload)
+            await self._discard(layer, payload.group, channel)
+
+        # A disconnect may cancel us again mid-cleanup: finish it anyway.
+        cancelled = await run_to_end(leave)
+        if cancelled is not None:
+            raise cancelled
 
     @staticmethod
     async def _discard(layer: Any, group: str, channel: str | None) -> None:
@@ -345,11 +361,14 @@ class ChatStreamConsumer(AsyncHttpConsumer):
     @staticmethod
     async def _check_providers(candidates: list[ProviderEntry]) -> None:
         """Refuse at once when every provider's breaker is open."""
-        waits = await asyncio.gather(
-            *(entry.breaker.aknown_open() for entry in candidates)
-        )
-        if all(wait is not None for wait in waits):
-            soonest = min(wait for wait in waits if wait is not None)
+        waits = []
+        for entry in candidates:
+            wait = await entry.breaker.aknown_open()
+            if wait is None:
+                return  # one usable provider is enough; ask no further
+            waits.append(wait)
+        if waits:
+            soonest = min(waits)
             raise ApiError(
                 503,
                 "provider_unavailable",

@@ -28,7 +28,7 @@ from redis.exceptions import RedisError
 
 from resilience import metrics as _registered  # noqa: F401  (defines the metrics)
 from resilience import redis_client, status
-from resilience.connection_pool_manager import HASH_TAG
+from resilience.connection_pool_manager import global_in_use
 from resilience.errors import ResilienceError
 from resilience.queue_request_handler import QUEUE_NAME, waiting_key
 
@@ -67,7 +67,7 @@ class ClusterCollector(Collector):
             GaugeMetricFamily(
                 "streamsvc_pool_in_use",
                 "Direct streams holding a pool lease, fleet-wide.",
-                value=_pool_in_use(client),
+                value=global_in_use(client),
             ),
             _breaker_states(),
         ]  # fmt: skip
@@ -76,12 +76,6 @@ class ClusterCollector(Collector):
 BREAKER_LEVELS = {
     "closed": 0, "forced_closed": 0, "half_open": 1, "open": 2, "forced_open": 2,
 }  # fmt: skip
-
-
-def _pool_in_use(client: Any) -> int:
-    seconds, micros = client.time()
-    now_ms = seconds * 1000 + micros // 1000
-    return int(client.zcount(redis_client.key(HASH_TAG, "global"), now_ms, "+inf"))
 
 
 def _breaker_states() -> Metric:
