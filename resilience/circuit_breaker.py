@@ -55,23 +55,20 @@ recorded locally; their Redis probe slots expire after the probe timeout.
 """
 
 import asyncio
-import hashlib
 import logging
 import math
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import Enum
-from pathlib import Path
 from types import TracebackType
-from typing import Any, cast
+from typing import Any
 
 import redis
 import redis.asyncio as aioredis
 from circuitbreaker import CircuitBreakerError, build_failure_predicate
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from llm.errors import PermanentError
@@ -81,8 +78,7 @@ from .errors import ResilienceError
 
 logger = logging.getLogger(__name__)
 
-SCRIPT = (Path(__file__).parent / "lua" / "breaker_transition.lua").read_text()
-SCRIPT_SHA = hashlib.sha1(SCRIPT.encode()).hexdigest()
+SCRIPT = redis_client.LuaScript.load("breaker_transition.lua")
 # Buckets per sliding window: the window slides in steps of 1/20 of its length.
 WINDOW_BUCKETS = 20
 # While Redis is unreachable, try it again this often, not on every call.
@@ -270,22 +266,6 @@ def _script_args(
     op: str, now: float | None, token: str, policy: BreakerPolicy
 ) -> list[Any]:
     return [op, "" if now is None else _ms(now), token, *policy.script_args()]
-
-
-async def _arun(client: aioredis.Redis, keys: list[str], args: list[Any]) -> _Result:
-    try:
-        raw = await cast(Awaitable[Any], client.evalsha(SCRIPT_SHA, 3, *keys, *args))
-    except NoScriptError:
-        raw = await cast(Awaitable[Any], client.eval(SCRIPT, 3, *keys, *args))
-    return _Result.parse(raw)
-
-
-def _run(client: redis.Redis, keys: list[str], args: list[Any]) -> _Result:
-    try:
-        raw = client.evalsha(SCRIPT_SHA, 3, *keys, *args)
-    except NoScriptError:
-        raw = client.eval(SCRIPT, 3, *keys, *args)
-    return _Result.parse(raw)  # type: ignore[arg-type]
 
 
 class LocalMachine:
@@ -593,7 +573,7 @@ class AsyncCircuitBreaker:
         client = self._redis or redis_client.async_client()
         now = self._clock() if self._clock else None
         args = _script_args(op, now, token, self.policy)
-        return await _arun(client, self._keys, args)
+        return _Result.parse(await SCRIPT.run(self._keys, args, client))
 
     def _seen(self, result: _Result, backend: str) -> _Result:
         if result.changed:
@@ -709,7 +689,8 @@ class CircuitBreaker:
     def _run(self, op: str) -> BreakerState:
         client = self._redis or redis_client.sync_client()
         try:
-            result = _run(client, self._keys, _script_args(op, None, "", self.policy))
+            args = _script_args(op, None, "", self.policy)
+            result = _Result.parse(SCRIPT.run_sync(self._keys, args, client))
         except UNREACHABLE as exc:
             raise _unreachable(self.provider) from exc
         if result.changed:

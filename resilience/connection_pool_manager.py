@@ -41,29 +41,26 @@ serves the whole pool; that is the price of one atomic step).
 """
 
 import asyncio
-import hashlib
 import heapq
 import logging
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from pathlib import Path
 from types import TracebackType
-from typing import Any, Literal, NoReturn, TypeVar, cast
+from typing import Any, Literal, NoReturn, TypeVar
 
 import redis.asyncio as aioredis
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import RedisError
 
 from . import redis_client
 from .errors import ResilienceError
-from .streams import raise_if_cancelling, run_to_end
+from .streams import cancel_and_wait, raise_if_cancelling, run_to_end
 
 logger = logging.getLogger(__name__)
 
 Scope = Literal["global", "per_user"]
 
-LUA_DIR = Path(__file__).resolve().parent / "lua"
 HASH_TAG = "{pool}"
 # After Redis failed, go to Redis again at most this often.
 REDIS_RETRY_SECONDS = 1.0
@@ -165,34 +162,9 @@ class PoolCounters:
     leases_lost: int = 0
 
 
-class _Script:
-    """A Lua file run by EVALSHA, falling back to EVAL once per load."""
-
-    def __init__(self, name: str) -> None:
-        self.source = (LUA_DIR / name).read_text()
-        self.sha = hashlib.sha1(self.source.encode()).hexdigest()
-
-    async def run(
-        self,
-        client: aioredis.Redis,
-        keys: Sequence[str],
-        args: Sequence[Any],
-        count: Callable[[], None],
-    ) -> Any:
-        """Run the script, calling ``count`` once per request sent."""
-        count()
-        try:
-            reply = client.evalsha(self.sha, len(keys), *keys, *args)
-            return await cast(Awaitable[Any], reply)
-        except NoScriptError:
-            count()
-            reply = client.eval(self.source, len(keys), *keys, *args)
-            return await cast(Awaitable[Any], reply)
-
-
-_ACQUIRE = _Script("pool_acquire.lua")
-_RENEW = _Script("pool_renew.lua")
-_RELEASE = _Script("pool_release.lua")
+_ACQUIRE = redis_client.LuaScript.load("pool_acquire.lua")
+_RENEW = redis_client.LuaScript.load("pool_renew.lua")
+_RELEASE = redis_client.LuaScript.load("pool_release.lua")
 
 
 class _RedisHealth:
@@ -429,7 +401,7 @@ class AsyncConnectionPool:
     ) -> Lease:
         keys = self._keys(caller)
         args = (lease_id, policy.global_max, policy.per_user_max, policy.ttl_ms)
-        reply = await _ACQUIRE.run(self._redis(), keys, args, self._count_acquire)
+        reply = await _ACQUIRE.run(keys, args, self._redis(), self._count_acquire)
         self._health.answered()
         if int(reply[0]) != 1:
             self._reject(_scope(reply[1]), policy)
@@ -455,7 +427,7 @@ class AsyncConnectionPool:
         keys = self._keys(lease.caller)
         args = (lease.id, lease.policy.ttl_ms)
         try:
-            alive = await _RENEW.run(self._redis(), keys, args, self._count_renew)
+            alive = await _RENEW.run(keys, args, self._redis(), self._count_renew)
         except _UNREACHABLE as exc:
             self._unreachable(exc)
             return None
@@ -468,7 +440,7 @@ class AsyncConnectionPool:
         keys = self._keys(lease.caller)
         try:
             removed = await _RELEASE.run(
-                self._redis(), keys, (lease.id,), self._count_release
+                keys, (lease.id,), self._redis(), self._count_release
             )
         except _UNREACHABLE as exc:
             self._unreachable(exc)
@@ -602,7 +574,7 @@ class PoolHold:
 
     async def _cleanup(self) -> None:
         if self._renewer is not None:
-            await asyncio.wait([self._renewer])
+            await cancel_and_wait(self._renewer)
         await self._pool.release(self.lease)
 
     async def _renew_loop(self) -> None:

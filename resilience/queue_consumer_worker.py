@@ -41,7 +41,7 @@ from .queue_request_handler import (
     journal_key,
     waiting_key,
 )
-from .streams import raise_if_cancelling, with_heartbeats
+from .streams import cancel_and_wait, raise_if_cancelling, with_heartbeats
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ async def _run(job: JobPayload) -> dict[str, Any]:
         keys = [waiting_key(), caller_key(job.caller), heartbeat_key(job.request_id),
                 cancel_key(job.request_id)]  # fmt: skip
         args = [job.request_id, HEARTBEAT_TTL_MS]
-        if not await redis_client.run_script(START, keys, args):
+        if not await START.run(keys, args):
             logger.info("queue %s: cancelled before it started", job.request_id)
             return {"outcome": "cancelled"}
         outcome = await _stream(job, publisher)
@@ -98,9 +98,7 @@ async def _stream(job: JobPayload, publisher: "Publisher") -> str:
         logger.info("queue %s: client left, stopping", job.request_id)
         return "cancelled"
     finally:
-        for task in (heartbeat, runner, watcher):
-            task.cancel()
-        await asyncio.gather(heartbeat, runner, watcher, return_exceptions=True)
+        await cancel_and_wait(heartbeat, runner, watcher)
 
 
 async def _publish_events(job: JobPayload, publisher: "Publisher") -> str:

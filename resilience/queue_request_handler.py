@@ -45,7 +45,7 @@ from rq.results import Result
 from . import events, redis_client
 from .errors import ResilienceError
 from .events import StreamEvent
-from .streams import raise_if_cancelling
+from .streams import cancel_and_wait, raise_if_cancelling
 
 logger = logging.getLogger(__name__)
 
@@ -114,43 +114,8 @@ def group_name(request_id: str) -> str:
     return f"stream.{request_id}"
 
 
-# Reserve a place in line for one request, atomically against both caps.
-# KEYS[1] waiting zset (request id -> enqueue time, ms from Redis TIME)
-# KEYS[2] the caller's zset, same members
-# ARGV[1] request id, ARGV[2] max depth, ARGV[3] per-caller max,
-# ARGV[4] ms after which a reservation is stale (max wait + grace)
-# Returns {1, position} or {0, "global"|"per_user", depth}.
-RESERVE = """
-local t = redis.call('TIME')
-local now = t[1] * 1000 + math.floor(t[2] / 1000)
-local stale = now - tonumber(ARGV[4])
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', stale)
-redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', stale)
-local depth = redis.call('ZCARD', KEYS[1])
-if depth >= tonumber(ARGV[2]) then return {0, 'global', depth} end
-if redis.call('ZCARD', KEYS[2]) >= tonumber(ARGV[3]) then
-  return {0, 'per_user', depth}
-end
-redis.call('ZADD', KEYS[1], now, ARGV[1])
-redis.call('ZADD', KEYS[2], now, ARGV[1])
-redis.call('PEXPIRE', KEYS[1], ARGV[4])
-redis.call('PEXPIRE', KEYS[2], ARGV[4])
-return {1, redis.call('ZRANK', KEYS[1], ARGV[1]) + 1}
-"""
-
-# Mark a job started: leave the line and start the heartbeat in one step.
-# KEYS[1] waiting zset, KEYS[2] caller zset, KEYS[3] heartbeat key,
-# KEYS[4] cancel flag. ARGV[1] request id, ARGV[2] heartbeat ttl ms.
-# Returns 0 when the request was cancelled or is no longer in line (its
-# client withdrew it, or its reservation went stale because the API instance
-# holding the client died), else 1: nobody would read that answer.
-START = """
-local in_line = redis.call('ZREM', KEYS[1], ARGV[1])
-redis.call('ZREM', KEYS[2], ARGV[1])
-if in_line == 0 or redis.call('EXISTS', KEYS[4]) == 1 then return 0 end
-redis.call('SET', KEYS[3], 'running', 'PX', ARGV[2])
-return 1
-"""
+RESERVE = redis_client.LuaScript.load("queue_reserve.lua")
+START = redis_client.LuaScript.load("queue_start.lua")
 
 
 @dataclass(frozen=True)
@@ -224,10 +189,8 @@ async def submit(
     stale_ms = int((policy.max_wait_seconds + 60) * 1000)
     keys = [waiting_key(), caller_key(payload.caller)]
     try:
-        answer = await redis_client.run_script(
-            RESERVE,
-            keys,
-            [payload.request_id, policy.max_depth, policy.per_user_max, stale_ms],
+        answer = await RESERVE.run(
+            keys, [payload.request_id, policy.max_depth, policy.per_user_max, stale_ms]
         )
         if int(answer[0]) == 0:
             scope = answer[1].decode() if isinstance(answer[1], bytes) else answer[1]
@@ -384,8 +347,7 @@ class Follower:
                 if event.terminal:
                     return
         finally:
-            receiver.cancel()
-            await asyncio.gather(receiver, return_exceptions=True)
+            await cancel_and_wait(receiver)
 
     async def _follow_through_outages(self) -> AsyncIterator[StreamEvent]:
         while True:

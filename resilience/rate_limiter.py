@@ -70,13 +70,12 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import redis.asyncio as aioredis
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import RedisError
 
 from . import redis_client
 from .errors import ResilienceError
@@ -86,7 +85,7 @@ logger = logging.getLogger(__name__)
 SCOPES = frozenset({"global", "user", "api_key", "ip"})
 FAIL_OPEN = "fail_open"
 FAIL_CLOSED = "fail_closed"
-SCRIPT = (Path(__file__).parent / "lua" / "token_bucket.lua").read_text()
+SCRIPT = redis_client.LuaScript.load("token_bucket.lua")
 # The local copy of a lease ends this much earlier than Redis's copy, so the
 # instance never spends a token whose room Redis already gave back.
 LOCAL_LEASE_SHARE = 0.9
@@ -292,7 +291,6 @@ class AsyncRateLimiter:
         self._redis = redis
         self._id = uuid.uuid4().hex[:16]
         self._generation = 0
-        self._sha: str | None = None
         self._local: dict[str, _LocalBucket] = {}
         self._fallback: dict[str, _FallbackBucket] = {}
         self._down_until: float | None = None
@@ -430,14 +428,7 @@ class AsyncRateLimiter:
         return math.floor(min(self.lease_size, self.lease_fraction * policy.capacity))
 
     async def _eval(self, keys: list[str], args: list[str]) -> list[Any]:
-        client = self._redis()
-        if self._sha is not None:
-            try:
-                return await _evalsha(client, self._sha, keys, args)
-            except NoScriptError:
-                pass  # Redis restarted or flushed its scripts: load it again.
-        self._sha = await cast(Awaitable[str], client.script_load(SCRIPT))
-        return await _evalsha(client, self._sha, keys, args)
+        return list(await SCRIPT.run(keys, args, self._redis()))
 
     def _record(
         self,
@@ -554,13 +545,6 @@ class AsyncRateLimiter:
         logger.warning("rate limiter: Redis reachable again, buckets shared again")
         self._down_until = None
         self._fallback.clear()
-
-
-async def _evalsha(
-    client: aioredis.Redis, sha: str, keys: list[str], args: list[str]
-) -> list[Any]:
-    reply = client.evalsha(sha, len(keys), *keys, *args)
-    return list(await cast(Awaitable[list[Any]], reply))
 
 
 def _combine(

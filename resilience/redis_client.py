@@ -6,13 +6,19 @@ as ``RedisError`` within that bound instead of a hung request.
 """
 
 import asyncio
+import hashlib
 import weakref
+from collections.abc import Awaitable, Callable, Sequence
 from functools import lru_cache
-from typing import Any
+from pathlib import Path
+from typing import Any, cast
 
 import redis
 import redis.asyncio as aioredis
 from django.conf import settings
+from redis.exceptions import NoScriptError
+
+LUA_DIR = Path(__file__).resolve().parent / "lua"
 
 _async_clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, aioredis.Redis]
 _async_clients = weakref.WeakKeyDictionary()
@@ -68,7 +74,51 @@ def reset_clients() -> None:
     _async_clients.clear()
 
 
-async def run_script(source: str, keys: list[str], args: list[Any]) -> Any:
-    """Run a Lua script on the loop's client (EVALSHA, loading it if needed)."""
-    script: Any = async_client().register_script(source)
-    return await script(keys=keys, args=args)
+class LuaScript:
+    """A Lua script run by EVALSHA, sent whole by EVAL when Redis lacks it.
+
+    EVAL also caches the script in Redis, so the fallback costs one extra
+    round trip after a Redis restart or ``SCRIPT FLUSH``, not one per call.
+    """
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.sha = hashlib.sha1(source.encode()).hexdigest()
+
+    @classmethod
+    def load(cls, name: str) -> "LuaScript":
+        """Return the script in ``resilience/lua/<name>``."""
+        return cls((LUA_DIR / name).read_text())
+
+    async def run(
+        self,
+        keys: Sequence[str],
+        args: Sequence[Any],
+        client: aioredis.Redis | None = None,
+        on_send: Callable[[], None] | None = None,
+    ) -> Any:
+        """Run on ``client`` (the loop's by default); ``on_send`` per request."""
+        client = async_client() if client is None else client
+        if on_send is not None:
+            on_send()
+        try:
+            reply = client.evalsha(self.sha, len(keys), *keys, *args)
+            return await cast(Awaitable[Any], reply)
+        except NoScriptError:
+            if on_send is not None:
+                on_send()
+            reply = client.eval(self.source, len(keys), *keys, *args)
+            return await cast(Awaitable[Any], reply)
+
+    def run_sync(
+        self,
+        keys: Sequence[str],
+        args: Sequence[Any],
+        client: redis.Redis | None = None,
+    ) -> Any:
+        """Run on ``client`` (the process's synchronous one by default)."""
+        client = sync_client() if client is None else client
+        try:
+            return client.evalsha(self.sha, len(keys), *keys, *args)
+        except NoScriptError:
+            return client.eval(self.source, len(keys), *keys, *args)

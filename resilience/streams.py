@@ -2,7 +2,7 @@
 
 import asyncio
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 T = TypeVar("T")
 
@@ -33,9 +33,34 @@ async def with_heartbeats(
             yield item
     finally:
         if pending is not None:
-            pending.cancel()
-            await asyncio.gather(pending, return_exceptions=True)
+            await cancel_and_wait(pending)
         await source.aclose()
+
+
+async def cancel_and_wait(*tasks: "asyncio.Future[Any]", every: float = 0.5) -> None:
+    """Cancel ``tasks`` and wait until all have ended, cancelling again as needed.
+
+    A cancellation can be lost on its way: the Redis client may swallow one
+    that lands while a blocking read (the channel layer's BZPOPMIN) is torn
+    down, and the task then blocks in its next read. Awaiting it once would
+    hang for good (seen in CI), so a task still running after ``every``
+    seconds is cancelled again. Exceptions of the tasks are retrieved and
+    dropped; a cancellation of the caller meanwhile is re-raised at the end.
+    """
+    pending = {task for task in tasks if not task.done()}
+    caught: asyncio.CancelledError | None = None
+    while pending:
+        for task in pending:
+            task.cancel()
+        try:
+            _, pending = await asyncio.wait(pending, timeout=every)
+        except asyncio.CancelledError as exc:
+            caught = exc
+    for task in tasks:
+        if not task.cancelled():
+            task.exception()
+    if caught is not None:
+        raise caught
 
 
 async def run_to_end(

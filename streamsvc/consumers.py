@@ -60,7 +60,7 @@ from resilience.rate_limiter import (
     Decision,
     RateLimiterUnavailable,
 )
-from resilience.streams import run_to_end, with_heartbeats
+from resilience.streams import cancel_and_wait, run_to_end, with_heartbeats
 
 from .errors import ApiError
 from .identity import Identity, identify
@@ -156,8 +156,7 @@ class ChatStreamConsumer(AsyncHttpConsumer):
 
     async def http_disconnect(self, message: dict[str, Any]) -> None:
         if self._task is not None and not self._task.done():
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+            await cancel_and_wait(self._task)
         raise StopConsumer()
 
     def _header(self, name: bytes) -> str:

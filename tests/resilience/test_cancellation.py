@@ -1,11 +1,12 @@
 """A cancellation turned into a Redis error by a client still stops the loop."""
 
 import asyncio
+import contextlib
 
 import pytest
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from resilience.streams import raise_if_cancelling
+from resilience.streams import cancel_and_wait, raise_if_cancelling
 
 
 async def read_like_redis_py() -> None:
@@ -45,3 +46,59 @@ async def test_only_a_guarded_retry_loop_ends_when_cancelled(guarded: bool) -> N
 
 async def test_a_task_not_being_cancelled_goes_on() -> None:
     raise_if_cancelling(RuntimeError("a plain Redis error"))
+
+
+async def swallows_one_cancellation(ended: list[bool]) -> None:
+    # As a Redis client may lose a cancellation during a blocking read: the
+    # first one is eaten and the task blocks again in its next read.
+    with contextlib.suppress(asyncio.CancelledError):
+        await asyncio.sleep(30)
+    try:
+        await asyncio.sleep(30)
+    finally:
+        ended.append(True)
+
+
+async def test_a_single_cancel_can_leave_a_task_running() -> None:
+    # The hazard cancel_and_wait exists for (a CI run hung on it).
+    ended: list[bool] = []
+    task = asyncio.ensure_future(swallows_one_cancellation(ended))
+    await asyncio.sleep(0)
+    task.cancel()
+    done, _ = await asyncio.wait({task}, timeout=0.3)
+    assert not done
+    await cancel_and_wait(task, every=0.05)
+    assert ended == [True]
+
+
+async def test_cancel_and_wait_ends_a_task_that_swallowed_a_cancellation() -> None:
+    ended: list[bool] = []
+    task = asyncio.ensure_future(swallows_one_cancellation(ended))
+    await asyncio.sleep(0)
+    async with asyncio.timeout(5):
+        await cancel_and_wait(task, every=0.05)
+    assert task.cancelled()
+    assert ended == [True]
+
+
+async def test_cancel_and_wait_passes_on_the_callers_own_cancellation() -> None:
+    ended: list[bool] = []
+    stubborn = asyncio.ensure_future(swallows_one_cancellation(ended))
+    await asyncio.sleep(0)
+    stopper = asyncio.ensure_future(cancel_and_wait(stubborn, every=0.2))
+    await asyncio.sleep(0.05)
+    stopper.cancel()  # the caller is cancelled while it waits
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(stopper, timeout=5)
+    # It still saw its task to the end before passing the cancellation on.
+    assert ended == [True]
+
+
+async def test_cancel_and_wait_retrieves_the_tasks_errors() -> None:
+    async def fails() -> None:
+        raise ValueError("boom")
+
+    task = asyncio.ensure_future(fails())
+    await asyncio.sleep(0)
+    await cancel_and_wait(task)  # no raise, and no "never retrieved" warning
+    assert isinstance(task.exception(), ValueError)
