@@ -231,10 +231,13 @@ class PolicyCache:
                 sort_keys=True,
             )
             old = self._adapters.get(fingerprint)
-            entries[fingerprint] = old or ProviderEntry(
+            # The entry always carries the new row: ``enabled`` and ``order``
+            # are not in the fingerprint, and a stale copy of them would keep
+            # a provider switched off in the admin in service.
+            entries[fingerprint] = ProviderEntry(
                 config,
-                build_provider(config),
-                AsyncCircuitBreaker(config.name, breaker),
+                old.adapter if old else build_provider(config),
+                old.breaker if old else AsyncCircuitBreaker(config.name, breaker),
             )
         self._adapters = entries
         return Snapshot(

@@ -132,3 +132,24 @@ async def test_unchanged_providers_keep_their_adapter_across_reloads(
     after = await cache.arefresh()
     assert after.provider("other") is not None
     assert after.provider("simulated").adapter is before.adapter  # type: ignore[union-attr]
+
+
+async def test_a_provider_switched_off_leaves_service_at_the_next_reload(
+    transactional_db: Any, redis: Any
+) -> None:
+    # Only `enabled` changes, so the adapter and breaker are reused; the
+    # entry must still carry the new row.
+    await Provider.objects.aupdate_or_create(name="simulated", kind="simulated")
+    await Provider.objects.acreate(name="other", kind="simulated")
+    clock = Clock()
+    cache = PolicyCache(clock=clock, poll=False)
+    before = await cache.aget()
+    assert before.provider("simulated") is not None
+    await Provider.objects.filter(name="simulated").aupdate(enabled=False)
+    await asyncio.to_thread(bump_version)
+    clock.now += 10
+    after = await cache.arefresh()
+    assert after.provider("simulated") is None
+    assert [e.config.name for e in after.enabled_providers()] == ["other"]
+    kept = next(e for e in after.providers if e.config.name == "simulated")
+    assert kept.breaker is before.provider("simulated").breaker  # type: ignore[union-attr]
