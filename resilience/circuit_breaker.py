@@ -78,7 +78,7 @@ from .errors import ResilienceError
 
 logger = logging.getLogger(__name__)
 
-SCRIPT = redis_client.LuaScript.load("breaker_transition.lua")
+SCRIPT = redis_client.LuaScript.load("breaker_transition.lua", "breaker")
 # Buckets per sliding window: the window slides in steps of 1/20 of its length.
 WINDOW_BUCKETS = 20
 # While Redis is unreachable, try it again this often, not on every call.

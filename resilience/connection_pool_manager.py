@@ -162,9 +162,9 @@ class PoolCounters:
     leases_lost: int = 0
 
 
-_ACQUIRE = redis_client.LuaScript.load("pool_acquire.lua")
-_RENEW = redis_client.LuaScript.load("pool_renew.lua")
-_RELEASE = redis_client.LuaScript.load("pool_release.lua")
+_ACQUIRE = redis_client.LuaScript.load("pool_acquire.lua", "pool")
+_RENEW = redis_client.LuaScript.load("pool_renew.lua", "pool")
+_RELEASE = redis_client.LuaScript.load("pool_release.lua", "pool")
 
 
 class _RedisHealth:

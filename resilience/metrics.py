@@ -41,11 +41,6 @@ DURATION = Histogram(
     "From admission to the last event.",
     buckets=(0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600),
 )
-REDIS_ROUND_TRIPS = Counter(
-    "streamsvc_redis_round_trips",
-    "Redis round trips on the request path, by component.",
-    ["component"],
-)
 LIMITER_DECISIONS = Counter(
     "streamsvc_rate_limit_decisions",
     "Rate-limit decisions by result and where they were decided.",
@@ -69,11 +64,6 @@ def record_request(outcome: str) -> None:
     label = outcome if outcome in OUTCOMES else "error"
     REQUESTS.labels(label).inc()
     stats.count(label)
-
-
-def count_round_trips(component: str, count: int) -> None:
-    if count > 0:
-        REDIS_ROUND_TRIPS.labels(component).inc(count)
 
 
 def record_decision(decision: "Decision") -> None:

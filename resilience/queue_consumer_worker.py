@@ -79,6 +79,7 @@ async def _run(job: JobPayload) -> dict[str, Any]:
         return {"outcome": outcome}
     finally:
         with contextlib.suppress(RedisError, OSError):
+            redis_client.count_round_trip("queue")
             await redis_client.async_client().delete(heartbeat_key(job.request_id))
         await layer.close_pools()
         await _close_provider_clients()
@@ -215,6 +216,7 @@ class Publisher:
     async def _journal(self, encoded: list[list[Any]]) -> None:
         client = redis_client.async_client()
         key = journal_key(self.job.request_id)
+        redis_client.count_round_trip("queue")
         async with client.pipeline(transaction=False) as pipe:
             pipe.xadd(key, {"seq": self.seq, "events": json.dumps(encoded)})
             pipe.expire(key, JOURNAL_TTL_SECONDS)
@@ -226,6 +228,7 @@ async def _beat(request_id: str) -> None:
     while True:
         await asyncio.sleep(HEARTBEAT_EVERY)
         with contextlib.suppress(RedisError, OSError):
+            redis_client.count_round_trip("queue")
             await client.set(heartbeat_key(request_id), "running", px=HEARTBEAT_TTL_MS)
         raise_if_cancelling()
 
@@ -235,6 +238,7 @@ async def _watch_cancel(request_id: str) -> None:
     while True:
         await asyncio.sleep(CANCEL_CHECK_EVERY)
         with contextlib.suppress(RedisError, OSError):
+            redis_client.count_round_trip("queue")
             if await client.exists(cancel_key(request_id)):
                 return
         raise_if_cancelling()
@@ -244,8 +248,10 @@ async def _record_duration(seconds: float) -> None:
     """Keep a moving average of job durations for Retry-After estimates."""
     client = redis_client.async_client()
     with contextlib.suppress(RedisError, OSError):
+        redis_client.count_round_trip("queue")
         raw = await client.get(durations_key())
         average = float(raw) if raw else seconds * 1000
+        redis_client.count_round_trip("queue")
         await client.set(durations_key(), 0.8 * average + 0.2 * seconds * 1000)
 
 

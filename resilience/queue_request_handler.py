@@ -27,6 +27,7 @@ journal cover.
 """
 
 import asyncio
+import contextlib
 import json
 import logging
 import math
@@ -114,8 +115,8 @@ def group_name(request_id: str) -> str:
     return f"stream.{request_id}"
 
 
-RESERVE = redis_client.LuaScript.load("queue_reserve.lua")
-START = redis_client.LuaScript.load("queue_start.lua")
+RESERVE = redis_client.LuaScript.load("queue_reserve.lua", "queue")
+START = redis_client.LuaScript.load("queue_start.lua", "queue")
 
 
 @dataclass(frozen=True)
@@ -167,6 +168,7 @@ def _enqueue(payload: JobPayload) -> None:
 async def estimate_wait(depth: int) -> float:
     """Guess how long the line takes to move ``depth`` places."""
     client = redis_client.async_client()
+    redis_client.count_round_trip("queue")
     raw = await client.get(durations_key())
     average = float(raw) / 1000 if raw else 10.0
     workers = await asyncio.to_thread(_worker_count)
@@ -205,16 +207,26 @@ async def submit(
 
 
 async def _forget(payload: JobPayload) -> None:
-    try:
-        client = redis_client.async_client()
-        await client.zrem(waiting_key(), payload.request_id)
-        await client.zrem(caller_key(payload.caller), payload.request_id)
-    except (RedisError, OSError):
-        pass  # the reservation goes stale by itself (max wait + 60 s)
+    # On failure the reservation goes stale by itself (max wait + 60 s).
+    with contextlib.suppress(RedisError, OSError):
+        await _leave_line(payload, cancel=False)
+
+
+async def _leave_line(payload: JobPayload, cancel: bool) -> None:
+    """Drop the request's place in line (and flag it cancelled): one round trip."""
+    client = redis_client.async_client()
+    redis_client.count_round_trip("queue")
+    async with client.pipeline(transaction=False) as pipe:
+        if cancel:
+            pipe.set(cancel_key(payload.request_id), "1", ex=3600)
+        pipe.zrem(waiting_key(), payload.request_id)
+        pipe.zrem(caller_key(payload.caller), payload.request_id)
+        await pipe.execute()
 
 
 async def position(request_id: str) -> int | None:
     """Return the 1-based place in line, or None once a worker took it."""
+    redis_client.count_round_trip("queue")
     rank = await redis_client.async_client().zrank(waiting_key(), request_id)
     return None if rank is None else int(rank) + 1
 
@@ -225,9 +237,7 @@ async def withdraw(payload: JobPayload) -> bool:
     Return False if Redis could not be reached; ``withdraw_later`` retries.
     """
     try:
-        client = redis_client.async_client()
-        await client.set(cancel_key(payload.request_id), "1", ex=3600)
-        await _forget(payload)
+        await _leave_line(payload, cancel=True)
         await asyncio.to_thread(_cancel_job, payload.request_id)
     except (RedisError, OSError) as exc:
         logger.warning("queue: could not withdraw %s (%s)", payload.request_id, exc)
@@ -283,14 +293,22 @@ def _mark_lost(request_id: str, reason: str) -> None:
     job.set_status(JobStatus.FAILED)
 
 
-async def read_journal(request_id: str) -> dict[int, list[StreamEvent]]:
-    """Return the batches the worker journaled, by sequence number."""
-    entries = await redis_client.async_client().xrange(journal_key(request_id))
+async def read_journal(
+    request_id: str, after: bytes | None = None
+) -> tuple[dict[int, list[StreamEvent]], bytes | None]:
+    """Return the batches journaled after entry ``after``, and the last id.
+
+    Pass the returned id back in to read only what is new (Redis 6.2+).
+    """
+    redis_client.count_round_trip("queue")
+    start = b"-" if after is None else b"(" + after
+    entries = await redis_client.async_client().xrange(journal_key(request_id), start)
     batches = {}
-    for _, fields in entries:
+    for entry_id, fields in entries:
         seq = int(fields[b"seq"])
         batches[seq] = decode_batch(json.loads(fields[b"events"]))
-    return batches
+        after = entry_id
+    return batches, after
 
 
 def decode_batch(raw: list[list[Any]]) -> list[StreamEvent]:
@@ -324,6 +342,10 @@ class Follower:
         self._next_position_check = clock() + POSITION_EVERY
         self._failing_since: float | None = None
         self._worker_ended = False
+        # Journaled batches read but not yet delivered, and the last entry
+        # read: each check reads only what the worker added since.
+        self._journaled: dict[int, list[StreamEvent]] = {}
+        self._journal_read_to: bytes | None = None
 
     async def events(self) -> AsyncGenerator[StreamEvent, None]:
         """Yield ``queued`` updates, then the worker's events, then stop.
@@ -438,6 +460,7 @@ class Follower:
         return self.clock() - self.ticket.enqueued_at > self.payload.max_wait_seconds
 
     async def _worker_lost(self) -> bool:
+        redis_client.count_round_trip("queue")
         alive = await redis_client.async_client().exists(
             heartbeat_key(self.payload.request_id)
         )
@@ -467,8 +490,18 @@ class Follower:
         self._worker_ended = self._worker_ended or any(e.terminal for e in batch)
         return batch
 
+    async def _read_journal(self) -> dict[int, list[StreamEvent]]:
+        """Return the journaled batches not yet delivered, by sequence."""
+        new, self._journal_read_to = await read_journal(
+            self.payload.request_id, self._journal_read_to
+        )
+        self._journaled.update(new)
+        for seq in [seq for seq in self._journaled if seq < self.expected]:
+            del self._journaled[seq]
+        return self._journaled
+
     async def _fill(self, upto: int) -> list[StreamEvent]:
-        journal = await read_journal(self.payload.request_id)
+        journal = await self._read_journal()
         filled: list[StreamEvent] = []
         for seq in range(self.expected, upto):
             if seq not in journal:
@@ -480,7 +513,7 @@ class Follower:
                 return [*filled, events.error(
                     "internal_error", "part of the answer was lost in transit"
                 )]  # fmt: skip
-            filled += self._from_worker(journal[seq])
+            filled += self._from_worker(journal.pop(seq))
         self.expected = upto
         return filled
 
@@ -488,9 +521,9 @@ class Follower:
         """Deliver journaled batches the channel layer never brought."""
         if self.started_at is None:
             return []
-        journal = await read_journal(self.payload.request_id)
+        journal = await self._read_journal()
         caught: list[StreamEvent] = []
         while self.expected in journal:
-            caught += self._from_worker(journal[self.expected])
+            caught += self._from_worker(journal.pop(self.expected))
             self.expected += 1
         return caught

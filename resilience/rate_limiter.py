@@ -85,7 +85,7 @@ logger = logging.getLogger(__name__)
 SCOPES = frozenset({"global", "user", "api_key", "ip"})
 FAIL_OPEN = "fail_open"
 FAIL_CLOSED = "fail_closed"
-SCRIPT = redis_client.LuaScript.load("token_bucket.lua")
+SCRIPT = redis_client.LuaScript.load("token_bucket.lua", "rate_limiter")
 # The local copy of a lease ends this much earlier than Redis's copy, so the
 # instance never spends a token whose room Redis already gave back.
 LOCAL_LEASE_SHARE = 0.9

@@ -16,9 +16,25 @@ from typing import Any, cast
 import redis
 import redis.asyncio as aioredis
 from django.conf import settings
+from prometheus_client import Counter
 from redis.exceptions import NoScriptError
 
 LUA_DIR = Path(__file__).resolve().parent / "lua"
+
+ROUND_TRIPS = Counter(
+    "streamsvc_redis_round_trips",
+    "Redis round trips made by each layer, by component.",
+    ["component"],
+)
+COMPONENTS = ("rate_limiter", "pool", "breaker", "queue")
+for _component in COMPONENTS:
+    ROUND_TRIPS.labels(_component)
+
+
+def count_round_trip(component: str) -> None:
+    """Count one request/reply exchange with Redis (a pipeline is one)."""
+    ROUND_TRIPS.labels(component).inc()
+
 
 _async_clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, aioredis.Redis]
 _async_clients = weakref.WeakKeyDictionary()
@@ -81,14 +97,20 @@ class LuaScript:
     round trip after a Redis restart or ``SCRIPT FLUSH``, not one per call.
     """
 
-    def __init__(self, source: str) -> None:
+    def __init__(self, source: str, component: str) -> None:
         self.source = source
+        self.component = component
         self.sha = hashlib.sha1(source.encode()).hexdigest()
 
     @classmethod
-    def load(cls, name: str) -> "LuaScript":
-        """Return the script in ``resilience/lua/<name>``."""
-        return cls((LUA_DIR / name).read_text())
+    def load(cls, name: str, component: str) -> "LuaScript":
+        """Return the script in ``resilience/lua/<name>``, counted as ``component``."""
+        return cls((LUA_DIR / name).read_text(), component)
+
+    def _sent(self, on_send: Callable[[], None] | None) -> None:
+        count_round_trip(self.component)
+        if on_send is not None:
+            on_send()
 
     async def run(
         self,
@@ -99,14 +121,12 @@ class LuaScript:
     ) -> Any:
         """Run on ``client`` (the loop's by default); ``on_send`` per request."""
         client = async_client() if client is None else client
-        if on_send is not None:
-            on_send()
+        self._sent(on_send)
         try:
             reply = client.evalsha(self.sha, len(keys), *keys, *args)
             return await cast(Awaitable[Any], reply)
         except NoScriptError:
-            if on_send is not None:
-                on_send()
+            self._sent(on_send)
             reply = client.eval(self.source, len(keys), *keys, *args)
             return await cast(Awaitable[Any], reply)
 
@@ -118,7 +138,9 @@ class LuaScript:
     ) -> Any:
         """Run on ``client`` (the process's synchronous one by default)."""
         client = sync_client() if client is None else client
+        self._sent(None)
         try:
             return client.evalsha(self.sha, len(keys), *keys, *args)
         except NoScriptError:
+            self._sent(None)
             return client.eval(self.source, len(keys), *keys, *args)

@@ -114,9 +114,10 @@ def record_transition(provider: str, state: str, reason: str) -> None:
     """Keep a bounded log of breaker transitions (sync; rare)."""
     entry = f"{time.time():.3f}|{provider}|{state}|{reason}"
     client: Any = redis_client.sync_client()
-    with contextlib.suppress(RedisError, OSError):
-        client.lpush(transitions_key(), entry)
-        client.ltrim(transitions_key(), 0, TRANSITIONS_KEPT - 1)
+    with contextlib.suppress(RedisError, OSError), client.pipeline() as pipe:
+        pipe.lpush(transitions_key(), entry)
+        pipe.ltrim(transitions_key(), 0, TRANSITIONS_KEPT - 1)
+        pipe.execute()
 
 
 def record_levels(now: float, levels: dict[str, int]) -> None:

@@ -38,7 +38,6 @@ from resilience.events import StreamEvent
 from resilience.events import error as error_event
 from resilience.metrics import (
     StreamRecorder,
-    count_round_trips,
     record_decision,
     record_request,
 )
@@ -197,7 +196,6 @@ class ChatStreamConsumer(AsyncHttpConsumer):
     async def _acquire(self, snapshot: Snapshot) -> Lease:
         """Take a pool slot; raise ``PoolFull`` for the queue to take over."""
         assert self.identity is not None
-        trips = pool.counters.acquire_round_trips
         try:
             return await pool.acquire(self.identity.caller, snapshot.pool)
         except PoolFull as full:
@@ -206,8 +204,6 @@ class ChatStreamConsumer(AsyncHttpConsumer):
             raise ApiError(
                 503, "pool_full", full.message, full.retry_after_seconds
             ) from full
-        finally:
-            count_round_trips("pool", pool.counters.acquire_round_trips - trips)
 
     async def _open_stream(self, writer: EventWriter) -> None:
         await self.send_headers(status=200, headers=HEADERS + self._limit_headers)
@@ -383,7 +379,6 @@ class ChatStreamConsumer(AsyncHttpConsumer):
         buckets = buckets_for(self.identity, snapshot.rate_limits)
         if not buckets:
             return
-        trips = limiter.stats.redis_round_trips
         try:
             decision = await limiter.admit(buckets)
         except RateLimiterUnavailable as exc:
@@ -392,7 +387,6 @@ class ChatStreamConsumer(AsyncHttpConsumer):
                 exc.retry_after_seconds,
             ) from exc  # fmt: skip
         record_decision(decision)
-        count_round_trips("rate_limiter", limiter.stats.redis_round_trips - trips)
         self._limit_headers = limit_headers(decision)
         if not decision.allowed:
             raise ApiError(

@@ -5,7 +5,7 @@ from typing import Any
 from resilience import redis_client
 from resilience.redis_client import LuaScript
 
-INCR_BY = LuaScript("return redis.call('INCRBY', KEYS[1], ARGV[1])")
+INCR_BY = LuaScript("return redis.call('INCRBY', KEYS[1], ARGV[1])", "test")
 
 
 async def test_a_known_script_costs_one_request(redis: Any) -> None:

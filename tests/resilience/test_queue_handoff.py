@@ -351,3 +351,18 @@ async def test_c04_two_hundred_jobs_on_one_worker_keep_redis_connections_flat(
     assert "Event loop is closed" not in text
     assert "attached to a different loop" not in text
     assert "Traceback" not in text
+
+
+async def test_the_journal_is_read_from_where_the_last_read_ended(redis: Any) -> None:
+    # A follower checks the journal every half second while a job runs:
+    # each check reads only what the worker added since, not the whole log.
+    job = payload()
+    journal(redis, job, 1, [START])
+    first, last = await handler.read_journal(job.request_id)
+    assert list(first) == [1]
+    journal(redis, job, 2, [["token", {"text": "x"}]])
+    journal(redis, job, 3, [DONE])
+    second, newer = await handler.read_journal(job.request_id, last)
+    assert list(second) == [2, 3]
+    nothing, same = await handler.read_journal(job.request_id, newer)
+    assert nothing == {} and same == newer

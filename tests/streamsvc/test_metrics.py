@@ -112,7 +112,9 @@ def test_metrics_move_when_requests_are_limited_and_queued(
     decisions = 'streamsvc_rate_limit_decisions_total{result="admitted",where="redis"}'
     assert moved(decisions) >= 1
     assert 0 <= sample(after, "streamsvc_rate_limit_local_ratio") <= 1
-    assert "streamsvc_redis_round_trips_total{" in after
+    for component in ("rate_limiter", "pool", "breaker", "queue"):
+        trips = f'streamsvc_redis_round_trips_total{{component="{component}"}}'
+        assert moved(trips) >= 1, component
 
 
 def test_an_open_breaker_shows_in_metrics(redis: Any, providers: Any) -> None:
