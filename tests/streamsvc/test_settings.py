@@ -44,3 +44,16 @@ def test_a_bad_setting_names_itself() -> None:
     assert "TRUSTED_PROXIES" in result.stderr
     result = manage("check", HEARTBEAT_SECONDS="soon")
     assert "HEARTBEAT_SECONDS must be a number" in result.stderr
+
+
+def test_a_postgresql_database_url_reaches_the_driver() -> None:
+    # Nothing listens on port 1: the failure must be the connection, not a
+    # missing PostgreSQL driver (DATABASE_URL may point at PostgreSQL).
+    result = manage(
+        "migrate",
+        "--check",
+        DATABASE_URL="postgres://streamsvc:secret@127.0.0.1:1/streamsvc",
+    )
+    assert result.returncode != 0
+    assert "Error loading psycopg" not in result.stderr
+    assert "127.0.0.1" in result.stderr and "port 1" in result.stderr, result.stderr
