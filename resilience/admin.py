@@ -1,6 +1,8 @@
 from typing import Any
 
 from django.contrib import admin, messages
+from django.core.exceptions import ValidationError
+from django.forms import BaseModelFormSet
 from django.http import HttpRequest
 
 from llm.admin import ProviderAdmin
@@ -15,7 +17,29 @@ from .models import (
     QueuePolicy,
     RateLimitPolicy,
     RetryPolicy,
+    check_buckets,
 )
+
+
+class BucketsFormSet(BaseModelFormSet):
+    """The list page's edited rows, checked together.
+
+    Each row's own check compares it with the saved rows only, so lowering
+    the global bucket and raising a per-caller one in the same submit would
+    pass both and save a conflict.
+    """
+
+    def clean(self) -> None:
+        super().clean()
+        if any(self.errors):
+            return
+        changed = {f.instance.pk: f.instance for f in self.forms if f.has_changed()}
+        rows = [changed.get(row.pk, row) for row in RateLimitPolicy.objects.all()]
+        for row in changed.values():
+            try:
+                check_buckets(rows, changed=row)
+            except ValidationError as exc:
+                raise ValidationError(f"{row.name}: {' '.join(exc.messages)}") from exc
 
 
 @admin.register(RateLimitPolicy)
@@ -30,6 +54,10 @@ class RateLimitPolicyAdmin(admin.ModelAdmin):
     )
     list_editable = ("capacity", "refill_per_second", "enabled", "on_redis_down")
     list_filter = ("scope", "enabled")
+
+    def get_changelist_formset(self, request: HttpRequest, **kwargs: Any) -> Any:
+        kwargs["formset"] = BucketsFormSet
+        return super().get_changelist_formset(request, **kwargs)
 
 
 class SingletonAdmin(admin.ModelAdmin):

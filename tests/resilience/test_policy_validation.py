@@ -248,3 +248,48 @@ def test_an_old_conflict_between_other_rows_does_not_hide_this_ones(
     # ...and raising per-user above the global bucket must still be refused.
     response = post_rate_limit(admin_client, per_user, capacity=25)
     assert "cannot be above the global bucket" in response.content.decode()
+
+
+def post_changelist(client: Client, changes: dict[str, dict[str, Any]]) -> Any:
+    """Submit the rate-limit list page with some rows edited in place."""
+    rows = list(RateLimitPolicy.objects.order_by("pk"))
+    data: dict[str, Any] = {
+        "form-TOTAL_FORMS": len(rows),
+        "form-INITIAL_FORMS": len(rows),
+        "_save": "Save",
+    }
+    for index, row in enumerate(rows):
+        fields = {
+            "id": row.pk,
+            "capacity": row.capacity,
+            "refill_per_second": row.refill_per_second,
+            "on_redis_down": row.on_redis_down,
+            **changes.get(row.name, {}),
+        }
+        if row.enabled:
+            fields["enabled"] = "on"
+        data.update({f"form-{index}-{name}": v for name, v in fields.items()})
+    return client.post("/admin/resilience/ratelimitpolicy/", data)
+
+
+def test_the_list_page_checks_its_edits_against_each_other(
+    admin_client: Client,
+) -> None:
+    # Each edit alone is fine against the saved rows (60 <= 100 <= 200);
+    # together the per-user bucket (100) ends above the global one (70).
+    response = post_changelist(
+        admin_client, {"global": {"capacity": 70}, "per-user": {"capacity": 100}}
+    )
+    assert response.status_code == 200
+    assert "cannot be" in response.content.decode()
+    assert RateLimitPolicy.objects.get(name="global").capacity == 200
+    assert RateLimitPolicy.objects.get(name="per-user").capacity == 60
+
+
+def test_the_list_page_saves_edits_that_agree(admin_client: Client) -> None:
+    response = post_changelist(
+        admin_client, {"global": {"capacity": 150}, "per-user": {"capacity": 100}}
+    )
+    assert response.status_code == 302
+    assert RateLimitPolicy.objects.get(name="global").capacity == 150
+    assert RateLimitPolicy.objects.get(name="per-user").capacity == 100
