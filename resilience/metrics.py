@@ -71,6 +71,9 @@ def record_decision(decision: "Decision") -> None:
     result = "admitted" if decision.allowed else "limited"
     where = "fallback" if decision.fallback else "local" if decision.local else "redis"
     LIMITER_DECISIONS.labels(result, where).inc()
+    if decision.allowed:
+        # Limited ones are counted as the "rate_limited" request outcome.
+        stats.count("limit_admitted")
     if decision.local:
         stats.count("decided_local")
 

@@ -61,7 +61,7 @@ function render(data) {
   $("ttft").textContent = t.p50 === null ? "–" : `${(t.p50 * 1000).toFixed(0)} ms`;
   $("ttft-count").textContent = t.p99 === null ? "" : `p99 ${(t.p99 * 1000).toFixed(0)} ms · ${t.count} samples`;
   const series = data.history.series;
-  for (const name of ["admitted", "rate_limited", "decided_local", "queued"]) {
+  for (const name of ["limit_admitted", "rate_limited", "decided_local", "queued"]) {
     spark($("chart-" + name), series.map((s) => s[name] || 0));
   }
   // Levels are sampled while a status page is open; gaps stay gaps.

@@ -2,6 +2,7 @@
 
 import ipaddress
 import threading
+import time
 from typing import Any
 
 import httpx
@@ -10,6 +11,7 @@ from django.test import Client
 
 from resilience.connection_pool_manager import HASH_TAG
 from resilience.redis_client import key
+from resilience.stats import history
 from tests.conftest import LiveServer, wait_until
 from tests.sse_client import chat, stream
 
@@ -112,6 +114,14 @@ def test_metrics_move_when_requests_are_limited_and_queued(
     decisions = 'streamsvc_rate_limit_decisions_total{result="admitted",where="redis"}'
     assert moved(decisions) >= 1
     assert 0 <= sample(after, "streamsvc_rate_limit_local_ratio") <= 1
+
+    # The status page's "passed the rate limit" chart counts the limiter's
+    # admissions: the direct stream and both queued ones.
+    def passed() -> int:
+        rows = history(time.time() + 2, seconds=60)["series"]
+        return sum(int(row.get("limit_admitted", 0)) for row in rows)
+
+    assert wait_until(lambda: passed() >= 3)
     for component in ("rate_limiter", "pool", "breaker", "queue"):
         trips = f'streamsvc_redis_round_trips_total{{component="{component}"}}'
         assert moved(trips) >= 1, component
