@@ -43,7 +43,8 @@ class TransientError(LLMError):
 
 
 class PermanentError(LLMError):
-    """A refusal that will repeat: never retried, never counted."""
+    """A refusal that will repeat: never retried; to the breaker it is no failure
+    (the provider answered, so it counts as a success)."""
 
 
 class ProviderTimeout(TransientError):

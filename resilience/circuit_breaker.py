@@ -55,15 +55,16 @@ recorded locally; their Redis probe slots expire after the probe timeout.
 """
 
 import asyncio
+import functools
 import logging
 import math
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from enum import Enum
 from types import TracebackType
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 import redis
 import redis.asyncio as aioredis
@@ -75,6 +76,9 @@ from llm.errors import PermanentError
 
 from . import redis_client
 from .errors import ResilienceError
+
+P = ParamSpec("P")
+T = TypeVar("T")
 
 logger = logging.getLogger(__name__)
 
@@ -525,6 +529,23 @@ class AsyncCircuitBreaker:
     def guard(self) -> "BreakerGuard":
         """Return ``async with`` guard: acquire on enter, classify on exit."""
         return BreakerGuard(self)
+
+    def __call__(
+        self, func: Callable[P, Awaitable[T]]
+    ) -> Callable[P, Coroutine[Any, Any, T]]:
+        """Decorate an async function so each call runs inside ``guard()``.
+
+        The ``circuitbreaker`` package's decorator shape: a call while the
+        breaker is open raises ``CircuitOpen`` (a ``CircuitBreakerError``)
+        without running the function.
+        """
+
+        @functools.wraps(func)
+        async def guarded(*args: P.args, **kwargs: P.kwargs) -> T:
+            async with self.guard():
+                return await func(*args, **kwargs)
+
+        return guarded
 
     async def state(self) -> BreakerState:
         """Return the current state (Redis's, or the local fallback's)."""

@@ -260,6 +260,28 @@ class TestContract:
         await breaker.record_success(lost)  # too late: the slot is gone
         assert (await breaker.state()).state == "half_open"
 
+    async def test_the_decorator_guards_each_call_and_fails_fast_when_open(
+        self, make_breaker: MakeBreaker
+    ) -> None:
+        breaker = make_breaker(failure_threshold=2)
+        calls: list[str] = []
+
+        @breaker
+        async def call(answer: str) -> str:
+            calls.append(answer)
+            if answer == "boom":
+                raise ProviderServerError("upstream 502", status=502)
+            return answer
+
+        assert await call("ok") == "ok"
+        for _ in range(2):
+            with pytest.raises(ProviderServerError):
+                await call("boom")
+        with pytest.raises(CircuitBreakerError):  # the package's error shape
+            await call("never runs")
+        assert calls == ["ok", "boom", "boom"]
+        assert call.__name__ == "call"
+
     async def test_c08_client_errors_do_not_count(
         self, make_breaker: MakeBreaker
     ) -> None:
