@@ -48,6 +48,31 @@ def test_export_has_every_section_with_the_defaults() -> None:
         "on_redis_down",
     }
     assert set(data["providers"][0]) == {"name", "kind", "order", "enabled", "options"}
+    # The issues' exact shapes of the other sections.
+    assert set(data["pool"]) == {"global_max", "per_user_max", "lease_ttl_seconds"}
+    assert set(data["queue"]) == {
+        "enabled",
+        "max_depth",
+        "per_user_max",
+        "max_wait_seconds",
+        "job_timeout_seconds",
+    }
+    assert set(data["breakers"][0]) == {
+        "provider",
+        "failure_threshold",
+        "failure_rate_percent",
+        "window_seconds",
+        "minimum_calls",
+        "recovery_timeout_seconds",
+        "half_open_probes",
+        "probe_timeout_seconds",
+    }
+    assert set(data["retry"]) == {
+        "max_attempts",
+        "base_delay_seconds",
+        "max_delay_seconds",
+        "max_total_seconds",
+    }
 
 
 def test_export_then_import_round_trips_losslessly(
@@ -77,6 +102,21 @@ def test_export_then_import_round_trips_losslessly(
     edited["breakers"].append(
         {**edited["breakers"][0], "provider": "local", "half_open_probes": 3}
     )
+    edited["queue"] = {
+        "enabled": False,
+        "max_depth": 17,
+        "per_user_max": 3,
+        "max_wait_seconds": 45.5,
+        "job_timeout_seconds": 240.0,
+    }
+    edited["retry"] = {
+        "max_attempts": 5,
+        "base_delay_seconds": 0.25,
+        "max_delay_seconds": 4.0,
+        "max_total_seconds": 12.0,
+    }
+    assert edited["queue"] != export_json()["queue"]
+    assert edited["retry"] != export_json()["retry"]
     run_import(edited, monkeypatch)
     assert canonical(export_json()) == canonical(edited)
 
