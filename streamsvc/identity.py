@@ -3,9 +3,12 @@
 Lookups that need the database run in a worker thread of their own
 (``thread_sensitive=False``), never on the one shared thread Channels uses
 for ORM calls, so a slow lookup for one caller cannot stall other streams
-(shared/CASES.md C20). Results are cached briefly per process; a revoked key
-stops working when the policy version moves (revocation saves the row) or
-after ``CACHE_SECONDS`` at the latest.
+(shared/CASES.md C20). Results are cached briefly per process and dropped
+whenever the policy version moves. Revoking a key, logging out, changing a
+password or deactivating a user bumps that version (``POLICY_REFRESH_SECONDS``
+later every process sees it; the app config connects the receivers in every
+process); a bulk ``QuerySet.update()`` sends no signal and takes
+``CACHE_SECONDS`` at the latest.
 """
 
 import ipaddress
@@ -14,13 +17,26 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from http.cookies import CookieError, SimpleCookie
+from importlib import import_module
 from typing import Any
 
 from asgiref.sync import sync_to_async
 from django.conf import settings
+from django.contrib.auth import (
+    BACKEND_SESSION_KEY,
+    HASH_SESSION_KEY,
+    SESSION_KEY,
+    get_user_model,
+    load_backend,
+)
+from django.contrib.auth.signals import user_logged_out
+from django.db import transaction
+from django.db.models.signals import post_delete, post_save
+from django.utils.crypto import constant_time_compare
 
 from resilience import conf
 from resilience.models import ApiKey, hash_key
+from resilience.policies import bump_version
 
 from .errors import ApiError
 
@@ -100,7 +116,11 @@ class TTLCache:
             return False, None
         return True, hit[1]
 
-    def put(self, key: str, value: Any) -> None:
+    def put(self, key: str, value: Any, version: str | None) -> None:
+        # A lookup that straddled a version change may have read the old
+        # state (a password not yet changed): keep it out of the new era.
+        if version != self.version:
+            return
         if len(self._items) >= CACHE_LIMIT:
             self._items.clear()
         self._items[key] = (self._clock() + CACHE_SECONDS, value)
@@ -122,16 +142,63 @@ def _lookup_key(raw: str) -> tuple[int, int] | None:
 
 
 def _lookup_session(session_key: str) -> int | None:
-    from django.contrib.auth import SESSION_KEY, get_user_model
-    from django.contrib.sessions.backends.db import SessionStore
+    """Return the session's user id, verified as ``auth.get_user`` would.
 
-    user_id = SessionStore(session_key).get(SESSION_KEY)
-    if user_id is None:
+    The session is read from the configured ``SESSION_ENGINE``; the user
+    comes from the backend that logged it in (``ModelBackend`` refuses
+    inactive users), and the session's auth hash must match the user's, so a
+    password change logs the session out here as it does in Django.
+
+    Note: this only reads. ``get_user`` would also flush a stale session, or
+    cycle the key of one signed with a ``SECRET_KEY_FALLBACKS`` secret; a
+    stream response cannot hand the browser a new session cookie, so that
+    rotation is left to the next page Django serves.
+    """
+    session = import_module(settings.SESSION_ENGINE).SessionStore(session_key)
+    try:
+        user_id = get_user_model()._meta.pk.to_python(session[SESSION_KEY])
+        backend_path = session[BACKEND_SESSION_KEY]
+    except KeyError:
         return None
-    users = get_user_model()
-    if not users.objects.filter(pk=user_id, is_active=True).exists():
+    if backend_path not in settings.AUTHENTICATION_BACKENDS:
         return None
-    return int(user_id)
+    user = load_backend(backend_path).get_user(user_id)
+    if user is None or not _hash_matches(user, session.get(HASH_SESSION_KEY)):
+        return None
+    return int(user.pk)
+
+
+def _hash_matches(user: Any, session_hash: str | None) -> bool:
+    if not hasattr(user, "get_session_auth_hash"):
+        return True  # a user model without session hashes, as in get_user
+    if not session_hash:
+        return False
+    hashes = [user.get_session_auth_hash(), *user.get_session_auth_fallback_hash()]
+    return any(constant_time_compare(session_hash, known) for known in hashes)
+
+
+def forget_identities(**kwargs: Any) -> None:
+    """Make every process drop its cached lookups once the write commits.
+
+    Connected to logout and to saves and deletes of the user model, so a
+    logout, a password change or a deactivation reaches the stream path
+    within ``POLICY_REFRESH_SECONDS`` instead of ``CACHE_SECONDS``. The
+    price is one policy reload per process per refresh, however many users
+    log out in it. Saving only ``last_login`` (every login does) changes
+    nobody's access.
+    """
+    if kwargs.get("update_fields") == frozenset({"last_login"}):
+        return
+    transaction.on_commit(bump_version)
+
+
+user_logged_out.connect(forget_identities, dispatch_uid="identity-logout")
+post_save.connect(
+    forget_identities, sender=settings.AUTH_USER_MODEL, dispatch_uid="identity-save"
+)
+post_delete.connect(
+    forget_identities, sender=settings.AUTH_USER_MODEL, dispatch_uid="identity-del"
+)
 
 
 async def _cached(
@@ -141,7 +208,7 @@ async def _cached(
     hit, value = cache.get(cache_key, version)
     if not hit:
         value = await sync_to_async(lookup, thread_sensitive=False)(token)
-        cache.put(cache_key, value)
+        cache.put(cache_key, value, version)
     return value
 
 

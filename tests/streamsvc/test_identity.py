@@ -106,3 +106,110 @@ def test_apikey_create_prints_only_the_key(alice: Any, capsys: Any) -> None:
     assert lines[0].startswith(ApiKey.PREFIX)
     stored = ApiKey.objects.get(user=alice)
     assert lines[0] not in (stored.key_hash, stored.prefix)
+
+
+def _log_in(username: str, password: str) -> Any:
+    from django.test import Client
+
+    client = Client()
+    assert client.login(username=username, password=password)
+    return client
+
+
+def _change_password(user: Any, password: str) -> None:
+    user.set_password(password)
+    user.save()
+
+
+async def test_a_session_is_anonymous_once_its_user_changes_password(
+    alice: Any, settings: Any
+) -> None:
+    from asgiref.sync import sync_to_async
+
+    client = await sync_to_async(_log_in)("alice", "pw-alice-123")
+    cookie = headers(cookie=f"sessionid={client.cookies['sessionid'].value}")
+    assert (await identify("127.0.0.1", cookie, (), "before")).user_id == alice.pk
+
+    await sync_to_async(_change_password)(alice, "pw-alice-456")
+    assert (await identify("127.0.0.1", cookie, (), "after")).user_id is None
+    settings.STREAMSVC = {**settings.STREAMSVC, "REQUIRE_AUTH": True}
+    with pytest.raises(ApiError) as caught:
+        await identify("127.0.0.1", cookie, (), "after")
+    assert (caught.value.status, caught.value.code) == (401, "unauthorized")
+
+
+@pytest.mark.parametrize(
+    "engine",
+    [
+        "django.contrib.sessions.backends.signed_cookies",
+        "django.contrib.sessions.backends.cache",
+    ],
+)
+async def test_a_session_is_read_from_the_configured_engine(
+    alice: Any, settings: Any, engine: str
+) -> None:
+    from asgiref.sync import sync_to_async
+
+    settings.SESSION_ENGINE = engine
+    client = await sync_to_async(_log_in)("alice", "pw-alice-123")
+    session = client.cookies["sessionid"].value
+    who = await identify("127.0.0.1", headers(cookie=f"sessionid={session}"), (), "e")
+    assert who.user_id == alice.pk
+
+
+def test_logout_and_password_change_move_the_policy_version(
+    alice: Any, redis: Any
+) -> None:
+    from resilience import redis_client
+    from resilience.policies import VERSION_KEY
+
+    def version() -> bytes | None:
+        return redis.get(redis_client.key(VERSION_KEY))
+
+    client = _log_in("alice", "pw-alice-123")  # saves last_login only
+    before = version()
+    client.logout()
+    after_logout = version()
+    _change_password(alice, "pw-alice-456")
+    assert len({before, after_logout, version()}) == 3
+
+
+def test_a_lookup_that_straddles_a_version_change_is_not_kept() -> None:
+    from streamsvc.identity import TTLCache
+
+    cache = TTLCache()
+    cache.get("slow", "v1")  # a lookup starts under v1 ...
+    cache.get("other", "v2")  # ... another request sees v2 meanwhile
+    cache.put("slow", 7, "v1")
+    assert cache.get("slow", "v2") == (False, None)
+    cache.put("slow", 8, "v2")
+    assert cache.get("slow", "v2") == (True, 8)
+
+
+def test_a_password_changed_from_another_process_moves_the_version(
+    transactional_db: Any, redis: Any
+) -> None:
+    # `manage.py shell` (like changepassword) never imports the stream path:
+    # the app config must connect the receivers there too.
+    import subprocess
+    import sys
+
+    from resilience import redis_client
+    from resilience.policies import VERSION_KEY
+    from tests.conftest import ROOT, live_env
+
+    get_user_model().objects.create_user("carol", password="pw-carol-123")
+    before = redis.get(redis_client.key(VERSION_KEY))
+    code = (
+        "from django.contrib.auth import get_user_model; "
+        "u = get_user_model().objects.get(username='carol'); "
+        "u.set_password('pw-carol-456'); u.save()"
+    )
+    subprocess.run(
+        [sys.executable, "manage.py", "shell", "-c", code],
+        cwd=ROOT,
+        env=live_env(),
+        check=True,
+        timeout=60,
+    )
+    assert redis.get(redis_client.key(VERSION_KEY)) != before
