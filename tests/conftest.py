@@ -173,24 +173,29 @@ def providers(transactional_db: Any, redis: redis_lib.Redis) -> Callable[..., No
 @pytest.fixture
 def workers(
     transactional_db: Any, redis: redis_lib.Redis
-) -> Iterator[Callable[..., None]]:
-    """Start ``rqworker streams`` processes for one test."""
+) -> Iterator[Callable[..., list[subprocess.Popen[bytes]]]]:
+    """Start ``rqworker streams`` processes for one test; returns them."""
     started: list[subprocess.Popen[bytes]] = []
 
-    def start(count: int = 1) -> None:
+    def start(count: int = 1) -> list[subprocess.Popen[bytes]]:
         env = live_env(DJANGO_SETTINGS_MODULE="streamsvc.settings")
-        for _ in range(count):
-            started.append(subprocess.Popen(
-                [sys.executable, "manage.py", "rqworker", "streams"], cwd=ROOT,
-                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            ))  # fmt: skip
+        new = [subprocess.Popen(
+            [sys.executable, "manage.py", "rqworker", "streams"], cwd=ROOT,
+            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        ) for _ in range(count)]  # fmt: skip
+        started.extend(new)
         assert wait_until(lambda: len(redis.keys("rq:worker:*")) >= count, 20)
+        return new
 
     yield start
     for process in started:
         process.terminate()
     for process in started:
-        process.wait(10)
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:  # busy with a job: warm shutdown
+            process.kill()
+            process.wait(10)
 
 
 @pytest.hookimpl(wrapper=True)

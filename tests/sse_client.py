@@ -1,6 +1,7 @@
 """Read our own SSE responses in tests, with the production parser."""
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,8 +50,14 @@ def stream(
     headers: dict[str, str] | None = None,
     timeout: float = 30.0,
     stop_after: int | None = None,
+    stop_at: str | None = None,
+    on_event: Callable[[str, dict[str, Any]], None] | None = None,
 ) -> StreamResult:
-    """POST a chat request and read the whole answer (or ``stop_after`` events)."""
+    """POST a chat request and read the whole answer.
+
+    Or stop (closing the connection) after ``stop_after`` events or at the
+    first event named ``stop_at``; ``on_event`` sees each event as it comes.
+    """
     sent = {"Content-Type": "application/json", **(headers or {})}
     payload = body if isinstance(body, bytes) else json.dumps(body).encode()
     with (
@@ -64,8 +71,14 @@ def stream(
             result.body = json.loads(response.read())
             return result
         for piece in response.iter_raw():
+            seen = len(result.events)
             collect(response, result, piece)
+            if on_event is not None:
+                for name, data in result.events[seen:]:
+                    on_event(name, data)
             if stop_after is not None and len(result.events) >= stop_after:
+                break
+            if stop_at is not None and stop_at in result.names()[seen:]:
                 break
     return result
 

@@ -321,3 +321,73 @@ def test_c02_a_request_waiting_in_line_gets_heartbeats(
     between = waited.raw.split(b"event: queued")[1].split(b"event: error")[0]
     assert between.count(b": ping\n\n") >= 3
     holder.join(30)
+
+
+LONG = {"ttft_ms": 0, "length": 400, "tokens_per_second": 20}
+
+
+def queue_behind_a_holder(
+    daphne: LiveServer, providers: Configure, redis: Any
+) -> threading.Thread:
+    """Fill the pool of one with a stream that leaves after a few seconds."""
+    providers(
+        {"name": "simulated", "options": LONG},
+        pool={"global_max": 1, "per_user_max": 1},
+    )
+    holder, _ = in_background(daphne.url, chat("holder"), stop_after=80)
+    assert wait_until(lambda: pool_in_use(redis) == 1)
+    return holder
+
+
+def test_a_client_leaving_while_a_worker_streams_stops_the_job_within_a_second(
+    daphne: LiveServer, providers: Configure, workers: Any, redis: Any
+) -> None:
+    workers(1)
+    holder = queue_behind_a_holder(daphne, providers, redis)
+    left = stream(daphne.url, chat("leaves mid-answer"), stop_at="token")
+    left_at = time.monotonic()
+    assert left.names()[0] == "queued"
+    assert left.names()[-1] == "token"
+    request_id = left.events[0][1]["request_id"]
+    # The job's heartbeat goes when the worker stops streaming for nobody
+    # (20 s of answer were left); 1 s is the target, the rest is slack.
+    assert wait_until(lambda: not redis.exists(key("queue", "hb", request_id)), 10)
+    assert time.monotonic() - left_at < 3
+    job = f"rq:job:{request_id}"
+    assert wait_until(lambda: redis.hget(job, "status") == b"finished", 10)
+    from rq.job import Job
+
+    assert Job.fetch(request_id, connection=redis).return_value() == {
+        "outcome": "cancelled"
+    }
+    holder.join(30)
+
+
+def test_a_worker_killed_mid_stream_ends_the_stream_with_worker_lost(
+    daphne: LiveServer, providers: Configure, workers: Any, redis: Any
+) -> None:
+    import os
+    import signal
+
+    (worker,) = workers(1)
+    holder = queue_behind_a_holder(daphne, providers, redis)
+    killed: list[float] = []
+
+    def kill_at_first_token(name: str, data: dict[str, Any]) -> None:
+        if name == "token" and not killed:
+            with open(f"/proc/{worker.pid}/task/{worker.pid}/children") as f:
+                horses = [int(pid) for pid in f.read().split()]
+            assert horses, "the job runs in a forked work-horse"
+            for pid in (worker.pid, *horses):
+                os.kill(pid, signal.SIGKILL)
+            killed.append(time.monotonic())
+
+    lost = stream(daphne.url, chat("cut off"), on_event=kill_at_first_token)
+    assert killed
+    assert lost.names()[0] == "queued"
+    assert lost.last()[0] == "error"
+    assert lost.last()[1]["code"] == "worker_lost"
+    assert time.monotonic() - killed[0] < 10
+    request_id = lost.events[0][1]["request_id"]
+    assert redis.hget(f"rq:job:{request_id}", "status") == b"failed"
+    holder.join(30)
