@@ -33,6 +33,7 @@ from resilience.errors import ResilienceError
 from resilience.queue_request_handler import QUEUE_NAME, waiting_key
 
 from .identity import client_ip
+from .views import page_limited
 
 logger = logging.getLogger(__name__)
 
@@ -137,6 +138,7 @@ def _allowed(request: HttpRequest) -> bool:
     return any(ip in network for network in settings.METRICS_ALLOWED_NETWORKS)
 
 
+@page_limited
 def metrics(request: HttpRequest) -> HttpResponse:
     """Serve every metric, summed over processes when multiprocess is on."""
     if not _allowed(request):

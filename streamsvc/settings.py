@@ -228,6 +228,9 @@ STREAMSVC: dict[str, Any] = {
     "REQUIRE_AUTH": env_bool("REQUIRE_AUTH", False),
     # Admin login attempts per client IP (django-ratelimit, fixed window).
     "LOGIN_RATE": os.environ.get("LOGIN_RATE", "10/m"),
+    # Requests per client IP to the plain pages: the chat page, /status/ and
+    # /metrics (django-ratelimit, fixed window). Probes are not limited.
+    "PAGE_RATE": os.environ.get("PAGE_RATE", "120/m"),
 }
 
 if SECURE:

@@ -17,12 +17,14 @@ from resilience.connection_pool_manager import AsyncConnectionPool
 from resilience.policies import policy_cache
 
 from .sse import dumps
+from .views import page_limited
 
 logger = logging.getLogger(__name__)
 
 FEED_SECONDS = 1.0
 
 
+@page_limited
 @staff_member_required
 def status_page(request: HttpRequest) -> HttpResponse:
     """Serve the page; it reads ``/status/events``."""

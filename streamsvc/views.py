@@ -1,6 +1,8 @@
 """Plain Django views: the demo page and the health probes."""
 
+import functools
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from django.conf import settings
@@ -11,7 +13,7 @@ from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import render
 from django.views.decorators.cache import never_cache
 from django.views.decorators.csrf import ensure_csrf_cookie
-from django_ratelimit.core import is_ratelimited
+from django_ratelimit.core import get_usage, is_ratelimited
 from redis.exceptions import RedisError
 
 from resilience import conf, redis_client
@@ -28,6 +30,41 @@ def login_client_ip(group: str, request: HttpRequest) -> str:
         request.META.get("HTTP_X_FORWARDED_FOR", ""),
         settings.TRUSTED_PROXIES,
     )
+
+
+View = Callable[..., HttpResponse]
+
+
+def page_limited(view: View) -> View:
+    """Limit a plain synchronous view per client IP (``PAGE_RATE``).
+
+    django-ratelimit with a fixed window, enough for pages and scrapes; the
+    stream endpoint has the token buckets instead. Over the limit: 429 JSON
+    ``rate_limited`` with ``Retry-After`` (the rest of the window). With
+    Redis down it fails open like the admin login.
+    """
+
+    @functools.wraps(view)
+    def limited(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
+        usage = get_usage(
+            request,
+            group="pages",
+            key=login_client_ip,
+            rate=conf.text("PAGE_RATE"),
+            increment=True,
+        )
+        if usage is not None and usage["should_limit"]:
+            wait = max(1, int(usage["time_left"]))
+            response = JsonResponse(
+                {"error": {"code": "rate_limited", "retry_after": wait,
+                           "message": f"too many requests; retry in {wait} s"}},
+                status=429,
+            )  # fmt: skip
+            response["Retry-After"] = str(wait)
+            return response
+        return view(request, *args, **kwargs)
+
+    return limited
 
 
 def guarded_login(request: HttpRequest, **kwargs: Any) -> HttpResponse:
@@ -50,6 +87,7 @@ def guarded_login(request: HttpRequest, **kwargs: Any) -> HttpResponse:
     return admin.site.login(request, **kwargs)
 
 
+@page_limited
 @ensure_csrf_cookie
 def chat_page(request: HttpRequest) -> HttpResponse:
     """Serve the demo chat page."""

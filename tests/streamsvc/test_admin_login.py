@@ -55,3 +55,20 @@ def test_login_fails_open_when_redis_is_down(
         server.start()
     warnings = [r for r in caplog.records if "failing open" in r.getMessage()]
     assert len(warnings) == 1
+
+
+@pytest.mark.parametrize("path", ["/", "/metrics", "/status/"])
+def test_plain_pages_are_limited_per_ip_but_probes_are_not(
+    redis: Any, settings: Any, path: str
+) -> None:
+    settings.STREAMSVC = {**settings.STREAMSVC, "PAGE_RATE": "3/h"}
+    client = Client(REMOTE_ADDR="127.0.0.1")
+    codes = [client.get(path).status_code for _ in range(4)]
+    assert 429 not in codes[:3]
+    refused = client.get(path)
+    assert refused.status_code == 429
+    assert refused.json()["error"]["code"] == "rate_limited"
+    assert 1 <= int(refused["Retry-After"]) <= 3600
+    assert Client(REMOTE_ADDR="127.0.0.2").get(path).status_code != 429
+    for probe in ("/healthz", "/readyz"):
+        assert all(client.get(probe).status_code == 200 for _ in range(5))
