@@ -391,3 +391,59 @@ def test_a_worker_killed_mid_stream_ends_the_stream_with_worker_lost(
     request_id = lost.events[0][1]["request_id"]
     assert redis.hget(f"rq:job:{request_id}", "status") == b"failed"
     holder.join(30)
+
+
+@pytest.mark.timeout(180)
+def test_many_streams_cut_at_random_points_leave_the_pool_empty(
+    daphne: LiveServer, providers: Configure, redis: Any
+) -> None:
+    # Scaled down from the 1,000 (this runs in CI on 2 cores): real
+    # HTTP streams, each closed by its client at a random point, before the
+    # headers, mid-answer or not at all.
+    import asyncio
+    import random
+
+    providers(
+        {"name": "simulated",
+         "options": {"ttft_ms": 0, "length": 40, "tokens_per_second": 80}},
+        pool={"global_max": 200, "per_user_max": 200},
+    )  # fmt: skip
+    rng = random.Random(20261204)
+    plans = [rng.choice([0, 1, 2, 5, 10, 20, None]) for _ in range(120)]
+    peak: list[int] = []
+
+    async def one(client: httpx.AsyncClient, index: int, chunks: int | None) -> None:
+        await asyncio.sleep(rng.random() * 0.5)
+        body = chat(f"stream {index}")
+        async with client.stream("POST", "/api/v1/chat/stream", json=body) as r:
+            if chunks == 0:
+                return  # leave as soon as the headers are in
+            seen = 0
+            async for _ in r.aiter_raw():
+                seen += 1
+                if chunks is not None and seen >= chunks:
+                    return  # leave mid-answer
+
+    async def run() -> None:
+        limits = httpx.Limits(max_connections=200)
+        async with httpx.AsyncClient(
+            base_url=daphne.url, timeout=60, limits=limits
+        ) as client:
+            tasks = [one(client, i, plan) for i, plan in enumerate(plans)]
+            watcher = asyncio.ensure_future(watch())
+            await asyncio.gather(*tasks)
+            watcher.cancel()
+
+    async def watch() -> None:
+        while True:
+            peak.append(pool_in_use(redis))
+            await asyncio.sleep(0.05)
+
+    asyncio.run(run())
+    last_left = time.monotonic()
+    assert max(peak) > 1  # the streams did overlap
+    assert wait_until(lambda: pool_in_use(redis) == 0, 5)
+    # 1 s is the contract; the rest is slack for a loaded machine.
+    assert time.monotonic() - last_left < 3
+    pool_sets = [k for k in redis.keys(key(HASH_TAG, "*")) if redis.type(k) == b"zset"]
+    assert sum(redis.zcard(k) for k in pool_sets) == 0  # per-caller sets too
