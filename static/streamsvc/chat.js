@@ -149,8 +149,11 @@ async function send(prompt) {
         ended = true;
         answer.classList.add("failed");
         textEl.textContent = text + (text ? "\n" : "") + `[${data.code}] ${data.message}`;
-        setState(data.code === "provider_unavailable" ? "provider_unavailable" : "error",
-                 `error: ${data.code}`);
+        if (data.code === "provider_unavailable") {
+          setState("provider_unavailable", `provider unavailable — ${data.message}`);
+        } else {
+          setState("error", `error: ${data.code}`);
+        }
       }
     }
     if (!ended) {

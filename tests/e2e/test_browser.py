@@ -2,6 +2,7 @@
 
 import shutil
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -166,19 +167,27 @@ def test_a_queued_request_shows_its_position(
     providers(
         {
             "name": "simulated",
-            "options": {"ttft_ms": 0, "length": 60, "tokens_per_second": 20},
+            "options": {"ttft_ms": 0, "length": 160, "tokens_per_second": 20},
         },
         pool={"global_max": 1, "per_user_max": 1},
-        queue={"max_wait_seconds": 2},
+        queue={"max_wait_seconds": 3},
     )
     holder = threading.Thread(target=stream, args=(daphne.url, chat("holder")))
     holder.start()
+    # No workers: one request waits ahead of the page's until it times out,
+    # and the page's moves up from #2 to #1.
+    ahead = threading.Thread(target=stream, args=(daphne.url, chat("ahead")))
     try:
+        time.sleep(0.5)
+        ahead.start()
         browser.get(daphne.url + "/")
+        time.sleep(1.5)  # the two time out well apart
         send(browser, "let me in")
+        wait_for(browser, lambda d: state(d) == "queued #2")
         wait_for(browser, lambda d: state(d) == "queued #1")
         wait_for(browser, lambda d: state(d) == "error: queue_timeout")
     finally:
+        ahead.join(30)
         holder.join(30)
 
 
@@ -204,3 +213,18 @@ def test_a_rate_limited_request_shows_a_countdown(
     first = int(state(browser).split("retry in ")[1].rstrip("s"))
     assert 1 <= first <= 5
     wait_for(browser, lambda d: f"retry in {first - 1}s" in state(d), timeout=3)
+
+
+def test_a_provider_unavailable_event_is_shown_as_such(
+    daphne: LiveServer, providers: Configure, browser: WebDriver
+) -> None:
+    # The stream was admitted, then every attempt failed before any text:
+    # the `error` event form, not the 503 answer.
+    providers(
+        {"name": "simulated", "options": {"ttft_ms": 0, "fault": "server_error"}},
+        retry={"max_attempts": 1},
+    )
+    browser.get(daphne.url + "/")
+    send(browser, "anyone there?")
+    wait_for(browser, lambda d: state(d).startswith("provider unavailable — "))
+    assert ended_state(browser) == "provider_unavailable"

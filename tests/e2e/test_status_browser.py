@@ -58,7 +58,7 @@ def test_the_chat_page_counts_down_to_an_open_breakers_next_probe(
     )  # fmt: skip
     browser.get(daphne.url + "/")
     send(browser, "trip it")
-    wait_for(browser, lambda d: state(d) == "error: provider_unavailable")
+    wait_for(browser, lambda d: state(d).startswith("provider unavailable — "))
     send(browser, "again")
     wait_for(browser, lambda d: "next probe in" in state(d))
     first = state(browser)
