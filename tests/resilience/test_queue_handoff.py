@@ -366,3 +366,12 @@ async def test_the_journal_is_read_from_where_the_last_read_ended(redis: Any) ->
     assert list(second) == [2, 3]
     nothing, same = await handler.read_journal(job.request_id, newer)
     assert nothing == {} and same == newer
+
+
+def test_rq_gives_a_long_generation_the_policys_time_not_its_180_s(redis: Any) -> None:
+    job = payload(job_timeout_seconds=900.0)
+    handler._enqueue(job)
+    enqueued = Job.fetch(job.request_id, connection=redis)
+    # Our deadline (900 s) ends the stream with an event; RQ's own timeout
+    # is the backstop just behind it, never its 180 s default.
+    assert enqueued.timeout == 930
