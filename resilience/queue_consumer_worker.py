@@ -20,6 +20,7 @@ from typing import Any, cast
 from channels_redis.core import RedisChannelLayer
 from django.conf import settings
 from redis.exceptions import RedisError
+from rq import Worker
 
 from llm.base import ChatRequest, Message, Role
 
@@ -32,6 +33,7 @@ from .queue_request_handler import (
     HEARTBEAT_TTL_MS,
     JOURNAL_TTL_SECONDS,
     START,
+    WORKER_BEAT_SECONDS,
     JobPayload,
     caller_key,
     cancel_key,
@@ -49,6 +51,29 @@ logger = logging.getLogger(__name__)
 # cost a Redis round trip each and fill the channel's capacity.
 BATCH_SECONDS = 0.04
 CANCEL_CHECK_EVERY = 0.25
+
+
+class StreamWorker(Worker):
+    """RQ's forking worker, registering itself every 10 s, busy or idle.
+
+    RQ refreshes a worker's registration when its blocking dequeue times out
+    (``worker_ttl`` - 15 s: every 405 s by default) and every
+    ``job_monitoring_interval`` (30 s) during a job, and a killed worker
+    stays listed until its key expires (up to 8 minutes). With a beat every
+    ``WORKER_BEAT_SECONDS`` the status page and the ``queue_full`` wait
+    estimate can count only workers heard from recently. ``manage.py
+    rqworker`` uses it through ``settings.RQ["WORKER_CLASS"]``.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.job_monitoring_interval = min(
+            self.job_monitoring_interval, WORKER_BEAT_SECONDS
+        )
+
+    @property
+    def dequeue_timeout(self) -> int:
+        return min(WORKER_BEAT_SECONDS, super().dequeue_timeout)
 
 
 def run_stream_job(payload: dict[str, Any]) -> dict[str, Any]:

@@ -34,6 +34,7 @@ import math
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import asdict, dataclass
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from channels.layers import BaseChannelLayer
@@ -65,6 +66,10 @@ START_GRACE_SECONDS = 5.0
 OUTAGE_SECONDS = 5.0
 # A withdrawal that failed is retried once a second this many times.
 WITHDRAW_ATTEMPTS = 60
+# Our workers refresh their RQ registration this often; one not heard from
+# for three beats (and a little) is not counted as alive.
+WORKER_BEAT_SECONDS = 10
+WORKER_ALIVE_SECONDS = 3 * WORKER_BEAT_SECONDS + 5
 
 
 @dataclass(frozen=True)
@@ -176,9 +181,24 @@ async def estimate_wait(depth: int) -> float:
 
 
 def _worker_count() -> int:
+    return len(alive_workers())
+
+
+def alive_workers() -> list[Any]:
+    """Return the ``streams`` workers heard from in ``WORKER_ALIVE_SECONDS``.
+
+    RQ lists a killed worker until its key expires (minutes); our workers
+    (``StreamWorker``) refresh their registration every
+    ``WORKER_BEAT_SECONDS``, so a silent one is gone.
+    """
     from rq import Worker
 
-    return int(Worker.count(queue=rq_queue()))
+    cutoff = datetime.now(UTC) - timedelta(seconds=WORKER_ALIVE_SECONDS)
+    return [
+        worker
+        for worker in Worker.all(queue=rq_queue())
+        if worker.last_heartbeat is not None and worker.last_heartbeat >= cutoff
+    ]
 
 
 async def submit(

@@ -3,11 +3,9 @@
 import time
 from typing import Any
 
-from rq import Worker
-
 from . import redis_client, stats
 from .circuit_breaker import BreakerState, CircuitBreaker
-from .queue_request_handler import rq_queue, waiting_key
+from .queue_request_handler import alive_workers, waiting_key
 
 
 def queue_status() -> dict[str, Any]:
@@ -16,7 +14,7 @@ def queue_status() -> dict[str, Any]:
     oldest = client.zrange(waiting_key(), 0, 0, withscores=True)
     now_ms = redis_client.time_ms(client.time())
     wait = (now_ms - oldest[0][1]) / 1000 if oldest else 0.0
-    workers = Worker.all(queue=rq_queue())
+    workers = alive_workers()
     return {
         "depth": depth,
         "oldest_wait_seconds": round(max(0.0, wait), 1),

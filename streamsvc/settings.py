@@ -184,6 +184,10 @@ CHANNEL_LAYERS: dict[str, dict[str, Any]] = {
     },
 }
 
+# Our worker class refreshes its registration every 10 s, so the status page
+# and the queue's wait estimate count only live workers.
+RQ = {"WORKER_CLASS": "resilience.queue_consumer_worker.StreamWorker"}
+
 RQ_QUEUES = {
     "streams": {"URL": REDIS_URL, "DEFAULT_TIMEOUT": 900},
     "default": {"URL": REDIS_URL},

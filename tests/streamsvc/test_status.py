@@ -153,3 +153,37 @@ async def test_the_last_counts_of_a_burst_reach_redis_without_more_traffic(
             break
         await asyncio.sleep(0.1)
     assert total == 5
+
+
+def test_workers_alive_leaves_out_a_worker_not_heard_from(redis: Any) -> None:
+    # RQ keeps a killed worker's key for minutes; only recent beats count.
+    from datetime import UTC, datetime, timedelta
+
+    from rq.utils import utcformat
+
+    from resilience import redis_client
+    from resilience.queue_consumer_worker import StreamWorker
+    from resilience.queue_request_handler import WORKER_ALIVE_SECONDS, rq_queue
+
+    connection = redis_client.sync_client()
+    live = StreamWorker([rq_queue()], connection=connection, name="live")
+    dead = StreamWorker([rq_queue()], connection=connection, name="dead")
+    for worker in (live, dead):
+        worker.register_birth()
+    silent_since = datetime.now(UTC) - timedelta(seconds=WORKER_ALIVE_SECONDS + 5)
+    connection.hset(dead.key, "last_heartbeat", utcformat(silent_since))
+    assert len(redis.keys("rq:worker:*")) == 2
+    assert status.queue_status()["workers"] == 1
+
+
+def test_manage_py_rqworker_runs_a_worker_that_beats_every_ten_seconds() -> None:
+    from django_rq.workers import get_worker
+
+    from resilience.queue_consumer_worker import StreamWorker
+    from resilience.queue_request_handler import WORKER_BEAT_SECONDS
+
+    # As `manage.py rqworker streams` builds it (worker_ttl 420 by default).
+    worker = get_worker("streams", worker_ttl=420)
+    assert isinstance(worker, StreamWorker)
+    assert worker.dequeue_timeout == WORKER_BEAT_SECONDS == 10
+    assert worker.job_monitoring_interval == WORKER_BEAT_SECONDS
