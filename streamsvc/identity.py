@@ -189,6 +189,10 @@ def forget_identities(**kwargs: Any) -> None:
     """
     if kwargs.get("update_fields") == frozenset({"last_login"}):
         return
+    if kwargs.get("created"):
+        # A new user is in nobody's cache (and `make run` creates its demo
+        # user before Redis is up, where announcing would only warn).
+        return
     transaction.on_commit(bump_version)
 
 

@@ -213,3 +213,17 @@ def test_a_password_changed_from_another_process_moves_the_version(
         timeout=60,
     )
     assert redis.get(redis_client.key(VERSION_KEY)) != before
+
+
+def test_creating_a_user_announces_nothing(transactional_db: Any, redis: Any) -> None:
+    # Nobody can have a new user cached; `make run` creates its demo user
+    # before Redis is up, where an announcement would only log a warning.
+    from resilience import redis_client
+    from resilience.policies import VERSION_KEY
+
+    before = redis.get(redis_client.key(VERSION_KEY))
+    user = get_user_model().objects.create_user("dave", password="pw-dave-123")
+    assert redis.get(redis_client.key(VERSION_KEY)) == before
+    user.set_password("pw-dave-456")
+    user.save()
+    assert redis.get(redis_client.key(VERSION_KEY)) != before
