@@ -34,7 +34,6 @@ import math
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import asdict, dataclass
-from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from channels.layers import BaseChannelLayer
@@ -184,21 +183,32 @@ def _worker_count() -> int:
     return len(alive_workers())
 
 
-def alive_workers() -> list[Any]:
-    """Return the ``streams`` workers heard from in ``WORKER_ALIVE_SECONDS``.
+def alive_workers() -> list[str]:
+    """Return the states of the ``streams`` workers heard from lately.
 
-    RQ lists a killed worker until its key expires (minutes); our workers
+    RQ lists a killed worker until its key expires (minutes); ours
     (``StreamWorker``) refresh their registration every
-    ``WORKER_BEAT_SECONDS``, so a silent one is gone.
+    ``WORKER_BEAT_SECONDS``, so one silent for ``WORKER_ALIVE_SECONDS`` (on
+    Redis's clock) is gone. Read with two round trips and without building
+    RQ ``Worker`` objects, whose constructor raises the shared client's
+    socket timeout to minutes.
     """
-    from rq import Worker
+    from rq.utils import utcparse
+    from rq.worker_registration import get_keys
 
-    cutoff = datetime.now(UTC) - timedelta(seconds=WORKER_ALIVE_SECONDS)
-    return [
-        worker
-        for worker in Worker.all(queue=rq_queue())
-        if worker.last_heartbeat is not None and worker.last_heartbeat >= cutoff
-    ]
+    client: Any = redis_client.sync_client()
+    keys = sorted(get_keys(queue=rq_queue()))
+    with client.pipeline(transaction=False) as pipe:
+        pipe.time()
+        for worker_key in keys:
+            pipe.hmget(worker_key, "last_heartbeat", "state")
+        now, *rows = pipe.execute()
+    cutoff = redis_client.time_ms(now) / 1000 - WORKER_ALIVE_SECONDS
+    alive = []
+    for beat, state in rows:
+        if beat is not None and utcparse(beat.decode()).timestamp() >= cutoff:
+            alive.append(state.decode() if state else "unknown")
+    return alive
 
 
 async def submit(

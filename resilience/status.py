@@ -19,7 +19,7 @@ def queue_status() -> dict[str, Any]:
         "depth": depth,
         "oldest_wait_seconds": round(max(0.0, wait), 1),
         "workers": len(workers),
-        "busy_workers": sum(1 for w in workers if w.get_state() == "busy"),
+        "busy_workers": workers.count("busy"),
     }
 
 

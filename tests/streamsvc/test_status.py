@@ -159,21 +159,26 @@ def test_workers_alive_leaves_out_a_worker_not_heard_from(redis: Any) -> None:
     # RQ keeps a killed worker's key for minutes; only recent beats count.
     from datetime import UTC, datetime, timedelta
 
+    from django.conf import settings
     from rq.utils import utcformat
 
     from resilience import redis_client
     from resilience.queue_consumer_worker import StreamWorker
     from resilience.queue_request_handler import WORKER_ALIVE_SECONDS, rq_queue
 
-    connection = redis_client.sync_client()
-    live = StreamWorker([rq_queue()], connection=connection, name="live")
-    dead = StreamWorker([rq_queue()], connection=connection, name="dead")
+    # (A Worker object raises its connection's socket timeout: the test's
+    # own client, not the service's.)
+    live = StreamWorker([rq_queue()], connection=redis, name="live")
+    dead = StreamWorker([rq_queue()], connection=redis, name="dead")
     for worker in (live, dead):
         worker.register_birth()
     silent_since = datetime.now(UTC) - timedelta(seconds=WORKER_ALIVE_SECONDS + 5)
-    connection.hset(dead.key, "last_heartbeat", utcformat(silent_since))
+    redis.hset(dead.key, "last_heartbeat", utcformat(silent_since))
     assert len(redis.keys("rq:worker:*")) == 2
     assert status.queue_status()["workers"] == 1
+    # Reading them leaves the service's short Redis timeout alone.
+    kwargs = redis_client.sync_client().connection_pool.connection_kwargs
+    assert kwargs["socket_timeout"] == settings.REDIS_TIMEOUT_SECONDS
 
 
 def test_manage_py_rqworker_runs_a_worker_that_beats_every_ten_seconds() -> None:
