@@ -189,6 +189,14 @@ def forget_identities(**kwargs: Any) -> None:
     """
     if kwargs.get("update_fields") == frozenset({"last_login"}):
         return
+    if kwargs.get("signal") is user_logged_out:
+        if kwargs.get("user") is None:
+            return  # an anonymous "logout": nobody to forget
+        request = kwargs.get("request")
+        if request is not None and hasattr(request, "session"):
+            # Django flushes the session only after this signal: delete it
+            # first, so a lookup racing the announcement finds it gone.
+            request.session.delete()
     if kwargs.get("created"):
         # A new user is in nobody's cache (and `make run` creates its demo
         # user before Redis is up, where announcing would only warn).

@@ -227,3 +227,19 @@ def test_creating_a_user_announces_nothing(transactional_db: Any, redis: Any) ->
     user.set_password("pw-dave-456")
     user.save()
     assert redis.get(redis_client.key(VERSION_KEY)) != before
+
+
+def test_an_anonymous_logout_announces_nothing(
+    transactional_db: Any, redis: Any
+) -> None:
+    # Anyone may POST the logout page; only a real logout clears caches
+    # (each announcement makes every process reload its policies).
+    from django.test import Client
+
+    from resilience import redis_client
+    from resilience.policies import VERSION_KEY
+
+    before = redis.get(redis_client.key(VERSION_KEY))
+    for _ in range(3):
+        Client().post("/admin/logout/")
+    assert redis.get(redis_client.key(VERSION_KEY)) == before
