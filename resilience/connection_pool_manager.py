@@ -429,6 +429,9 @@ class AsyncConnectionPool:
         try:
             alive = await _RENEW.run(keys, args, self._redis(), self._count_renew)
         except _UNREACHABLE as exc:
+            # A cancelled renewal (the stream ended) is no Redis outage: do
+            # not mark Redis down, which would skip the release that follows.
+            raise_if_cancelling(exc)
             self._unreachable(exc)
             return None
         self._health.answered()

@@ -1,10 +1,13 @@
 """Helpers for async streams of events."""
 
 import asyncio
+import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 T = TypeVar("T")
+
+logger = logging.getLogger(__name__)
 
 
 async def with_heartbeats(
@@ -37,17 +40,21 @@ async def with_heartbeats(
         await source.aclose()
 
 
-async def cancel_and_wait(*tasks: "asyncio.Future[Any]", every: float = 0.5) -> None:
+async def cancel_and_wait(*tasks: "asyncio.Future[Any]", every: float = 2.0) -> None:
     """Cancel ``tasks`` and wait until all have ended, cancelling again as needed.
 
     A cancellation can be lost on its way: the Redis client may swallow one
     that lands while a blocking read (the channel layer's BZPOPMIN) is torn
     down, and the task then blocks in its next read. Awaiting it once would
     hang for good (seen in CI), so a task still running after ``every``
-    seconds is cancelled again. Exceptions of the tasks are retrieved and
-    dropped; a cancellation of the caller meanwhile is re-raised at the end.
+    seconds is cancelled again. ``every`` is longer than a Redis call may
+    take (``REDIS_TIMEOUT_SECONDS``), so cleanup a task does on its way out
+    (giving a half-open probe slot back) is not cut short. An error a task
+    ends with while being stopped is logged; a cancellation of the caller
+    meanwhile is re-raised at the end.
     """
-    pending = {task for task in tasks if not task.done()}
+    running = [task for task in tasks if not task.done()]
+    pending = set(running)
     caught: asyncio.CancelledError | None = None
     while pending:
         for task in pending:
@@ -57,8 +64,9 @@ async def cancel_and_wait(*tasks: "asyncio.Future[Any]", every: float = 0.5) -> 
         except asyncio.CancelledError as exc:
             caught = exc
     for task in tasks:
-        if not task.cancelled():
-            task.exception()
+        error = None if task.cancelled() else task.exception()
+        if error is not None and task in running:
+            logger.warning("task ended with an error while stopped: %r", error)
     if caught is not None:
         raise caught
 

@@ -2,6 +2,7 @@
 
 import asyncio
 import contextlib
+from typing import Any
 
 import pytest
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -102,3 +103,17 @@ async def test_cancel_and_wait_retrieves_the_tasks_errors() -> None:
     await asyncio.sleep(0)
     await cancel_and_wait(task)  # no raise, and no "never retrieved" warning
     assert isinstance(task.exception(), ValueError)
+
+
+async def test_an_error_a_task_ends_with_while_stopped_is_logged(caplog: Any) -> None:
+    async def breaks_on_cancel() -> None:
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            raise RuntimeError("cleanup failed") from None
+
+    task = asyncio.ensure_future(breaks_on_cancel())
+    await asyncio.sleep(0)
+    with caplog.at_level("WARNING", logger="resilience.streams"):
+        await cancel_and_wait(task)
+    assert "cleanup failed" in caplog.text
