@@ -8,7 +8,9 @@ as ``RedisError`` within that bound instead of a hung request.
 import asyncio
 import hashlib
 import weakref
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, cast
@@ -26,14 +28,30 @@ ROUND_TRIPS = Counter(
     "Redis round trips made by each layer, by component.",
     ["component"],
 )
-COMPONENTS = ("rate_limiter", "pool", "breaker", "queue")
+COMPONENTS = ("rate_limiter", "pool", "breaker", "queue", "status")
 for _component in COMPONENTS:
     ROUND_TRIPS.labels(_component)
+
+_counted_as: ContextVar[str | None] = ContextVar("counted_as", default=None)
 
 
 def count_round_trip(component: str) -> None:
     """Count one request/reply exchange with Redis (a pipeline is one)."""
-    ROUND_TRIPS.labels(component).inc()
+    ROUND_TRIPS.labels(_counted_as.get() or component).inc()
+
+
+@contextmanager
+def counted_as(component: str) -> Iterator[None]:
+    """Count the layers' round trips made inside as ``component``.
+
+    The status page and ``/metrics`` read breaker states through the
+    breaker's own script; counted as "status", they do not pass for traffic.
+    """
+    token = _counted_as.set(component)
+    try:
+        yield
+    finally:
+        _counted_as.reset(token)
 
 
 _async_clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, aioredis.Redis]

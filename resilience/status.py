@@ -44,10 +44,11 @@ def breaker_status() -> list[dict[str, Any]]:
     rows = BreakerPolicy.objects.filter(provider__enabled=True).select_related(
         "provider"
     )
-    return [
-        breaker_row(CircuitBreaker(row.provider.name, row.as_policy()).state())
-        for row in rows.order_by("provider__order", "provider__name")
-    ]
+    with redis_client.counted_as("status"):
+        return [
+            breaker_row(CircuitBreaker(row.provider.name, row.as_policy()).state())
+            for row in rows.order_by("provider__order", "provider__name")
+        ]
 
 
 def snapshot() -> dict[str, Any]:

@@ -12,7 +12,7 @@ from django.http.response import HttpResponseBase
 from django.shortcuts import render
 from redis.exceptions import RedisError
 
-from resilience import stats, status
+from resilience import redis_client, stats, status
 from resilience.connection_pool_manager import AsyncConnectionPool
 from resilience.policies import policy_cache
 
@@ -67,7 +67,8 @@ async def _pool_status() -> dict[str, Any]:
 async def _breakers() -> list[dict[str, Any]]:
     # The policy cache's breakers: no database query per snapshot.
     entries = (await policy_cache.aget()).enabled_providers()
-    states = await asyncio.gather(*(entry.breaker.state() for entry in entries))
+    with redis_client.counted_as("status"):
+        states = await asyncio.gather(*(entry.breaker.state() for entry in entries))
     return [status.breaker_row(state) for state in states]
 
 

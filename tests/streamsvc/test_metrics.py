@@ -164,3 +164,21 @@ def test_reading_breaker_states_uses_each_providers_own_recovery_time(
     assert [b["state"] for b in breaker_status()] == ["open"]
     body = Client(REMOTE_ADDR="127.0.0.1").get("/metrics").content.decode()
     assert sample(body, 'streamsvc_breaker_state{provider="slowheal"}') == 2
+
+
+def test_monitoring_reads_are_not_counted_as_breaker_traffic(
+    redis: Any, providers: Any
+) -> None:
+    providers({"name": "simulated"})
+
+    def trips(body: str, component: str) -> float:
+        return sample(
+            body, f'streamsvc_redis_round_trips_total{{component="{component}"}}'
+        )
+
+    client = Client(REMOTE_ADDR="127.0.0.1")
+    first = client.get("/metrics").content.decode()
+    second = client.get("/metrics").content.decode()
+    # Each scrape reads every breaker's state: as "status", not "breaker".
+    assert trips(second, "breaker") == trips(first, "breaker")
+    assert trips(second, "status") > trips(first, "status")
