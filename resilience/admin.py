@@ -29,6 +29,13 @@ class BucketsFormSet(BaseModelFormSet):
     pass both and save a conflict.
     """
 
+    def add_fields(self, form: Any, index: int | None) -> None:
+        super().add_fields(form, index)
+        # Each row's own check would compare it with the saved rows only and
+        # refuse two edits that agree with each other; clean() checks them
+        # together instead.
+        form.instance.checked_as_a_set = True
+
     def clean(self) -> None:
         super().clean()
         if any(self.errors):

@@ -293,3 +293,16 @@ def test_the_list_page_saves_edits_that_agree(admin_client: Client) -> None:
     assert response.status_code == 302
     assert RateLimitPolicy.objects.get(name="global").capacity == 150
     assert RateLimitPolicy.objects.get(name="per-user").capacity == 100
+
+
+def test_the_list_page_saves_a_raise_of_both_buckets_together(
+    admin_client: Client,
+) -> None:
+    # Per-user 250 is above the saved global 200, but not above the global
+    # 300 saved with it.
+    response = post_changelist(
+        admin_client, {"global": {"capacity": 300}, "per-user": {"capacity": 250}}
+    )
+    assert response.status_code == 302
+    assert RateLimitPolicy.objects.get(name="global").capacity == 300
+    assert RateLimitPolicy.objects.get(name="per-user").capacity == 250
