@@ -131,7 +131,8 @@ async def test_unchanged_providers_keep_their_adapter_across_reloads(
     clock.now += 10
     after = await cache.arefresh()
     assert after.provider("other") is not None
-    assert after.provider("simulated").adapter is before.adapter  # type: ignore[union-attr]
+    kept = after.provider("simulated")
+    assert kept is not None and kept.adapter is before.adapter
 
 
 async def test_a_provider_switched_off_leaves_service_at_the_next_reload(
@@ -152,4 +153,5 @@ async def test_a_provider_switched_off_leaves_service_at_the_next_reload(
     assert after.provider("simulated") is None
     assert [e.config.name for e in after.enabled_providers()] == ["other"]
     kept = next(e for e in after.providers if e.config.name == "simulated")
-    assert kept.breaker is before.provider("simulated").breaker  # type: ignore[union-attr]
+    first = before.provider("simulated")
+    assert first is not None and kept.breaker is first.breaker
